@@ -1,0 +1,19 @@
+"""Event store (transactional append), outbox relay, consumer runtime with inbox and dead
+letters, replay, and the ServiceHost that runs a service with them."""
+
+from billstream_messaging.consumer import EventConsumer, EventContext, Handler
+from billstream_messaging.host import API_KEY_HANDLERS, AUTH_TOPIC, ServiceHost, run_cli
+from billstream_messaging.store import Cause, EventStore, NewEvent
+
+__all__ = [
+    "API_KEY_HANDLERS",
+    "AUTH_TOPIC",
+    "Cause",
+    "EventConsumer",
+    "EventContext",
+    "EventStore",
+    "Handler",
+    "NewEvent",
+    "ServiceHost",
+    "run_cli",
+]

@@ -1,0 +1,238 @@
+"""The consumer runtime: applies events with exactly-once effect.
+
+For each consumed batch, in one Postgres transaction:
+  1. insert an inbox row per event (`ON CONFLICT DO NOTHING RETURNING`): the events that come
+     back are new, the rest are duplicates (a counted no-op);
+  2. run the handler of each new event inside a savepoint, with the connection, so its
+     read-model changes and any events it appends commit with the inbox rows;
+  3. commit, and only then commit the Kafka offsets (manual ack).
+
+A handler that keeps failing (`consumer_max_attempts` tries, with backoff) sends its message
+to `billstream.dlq` with the reason, and the inbox records it as dead-lettered so the partition
+moves on. Database and network failures are not the message's fault: the whole batch is retried
+until they pass, never dead-lettered, and nothing is acknowledged meanwhile. Event types the
+consumer has no handler for are counted and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+from aiokafka.structs import ConsumerRecord
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker, KafkaMessage
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+from pydantic import ValidationError
+
+from billstream_contracts import Envelope, EventData, parse_data
+from billstream_contracts.topics import DEAD_LETTER
+from billstream_messaging.store import Cause, EventStore
+from billstream_runtime.metrics import Metrics
+from billstream_runtime.settings import ServiceSettings
+from billstream_runtime.telemetry import context_from_carrier
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+@dataclass(slots=True)
+class EventContext:
+    """What a handler gets: the event, its parsed data model, and the open transaction."""
+
+    conn: asyncpg.Connection
+    envelope: Envelope
+    data: EventData | None
+    store: EventStore
+
+    @property
+    def cause(self) -> Cause:
+        return Cause(self.envelope.id, self.envelope.correlation_id)
+
+
+Handler = Callable[[EventContext], Awaitable[None]]
+
+
+class EventConsumer:
+    """One logical consumer (its own consumer group) over one or more topics."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        topics: Iterable[str],
+        handlers: Mapping[str, Handler],
+        settings: ServiceSettings,
+        metrics: Metrics,
+        store: EventStore,
+    ) -> None:
+        self.name = f"{settings.service_name}.{name}"
+        self.topics = tuple(topics)
+        self.handlers = dict(handlers)
+        self._settings = settings
+        self._metrics = metrics
+        self._store = store
+        self._pool: asyncpg.Pool | None = None
+        self._broker: KafkaBroker | None = None
+        self._log = structlog.get_logger("billstream.consumer").bind(consumer=self.name)
+        self._tracer = trace.get_tracer("billstream.consumer")
+        self.generation = 1
+        self.batches = 0
+
+    @property
+    def group_id(self) -> str:
+        return f"{self._settings.consumer_group_prefix}.{self.name}.g{self.generation}"
+
+    async def attach(self, broker: KafkaBroker, pool: asyncpg.Pool) -> None:
+        """Register the subscriber on `broker` (before the broker starts)."""
+        self._pool = pool
+        self._broker = broker
+        await pool.execute(
+            "INSERT INTO consumer_state (consumer) VALUES ($1) ON CONFLICT DO NOTHING", self.name
+        )
+        self.generation = await pool.fetchval(
+            "SELECT generation FROM consumer_state WHERE consumer = $1", self.name
+        )
+        subscriber = broker.subscriber(
+            *self.topics,
+            group_id=self.group_id,
+            batch=True,
+            max_records=self._settings.consumer_max_records,
+            batch_timeout_ms=100,
+            ack_policy=AckPolicy.MANUAL,
+            auto_offset_reset="earliest",
+            max_poll_interval_ms=600_000,
+        )
+        subscriber(self._on_batch)
+
+    async def _on_batch(self, _bodies: list[bytes], message: KafkaMessage) -> None:
+        raw = message.raw_message
+        records: tuple[ConsumerRecord, ...] = raw if isinstance(raw, tuple) else (raw,)
+        await self.apply(records)
+        await message.ack()
+        self.batches += 1
+
+    # -- applying ----------------------------------------------------------------------------
+    async def apply(self, records: Iterable[ConsumerRecord]) -> None:
+        """Apply a batch with exactly-once effect; retries transient failures until they pass."""
+        parsed: list[tuple[ConsumerRecord, Envelope]] = []
+        malformed: list[tuple[ConsumerRecord, str]] = []
+        for rec in records:
+            try:
+                parsed.append((rec, Envelope.model_validate_json(rec.value)))
+            except (ValidationError, ValueError, TypeError) as exc:
+                malformed.append((rec, f"malformed envelope: {exc}"))
+        backoff = self._settings.consumer_retry_backoff_s
+        while True:
+            try:
+                with self._metrics.consumer_batch.labels(self.name).time():
+                    await self._apply_once(parsed, malformed)
+                return
+            except TRANSIENT_ERRORS as exc:
+                self._log.warning("consumer_transient_error", error=repr(exc), retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _apply_once(self, parsed, malformed) -> None:
+        assert self._pool is not None
+        outcomes: dict[str, int] = {}
+        async with self._pool.acquire() as conn, conn.transaction():
+            for rec, reason in malformed:
+                await self._dead_letter(conn, rec, None, reason)
+                outcomes["dead_lettered"] = outcomes.get("dead_lettered", 0) + 1
+            handled = [(rec, env) for rec, env in parsed if env.type in self.handlers]
+            for _rec, env in parsed:
+                if env.type not in self.handlers:
+                    outcomes["unknown_type"] = outcomes.get("unknown_type", 0) + 1
+            new_ids: set[str] = set()
+            if handled:
+                rows = await conn.fetch(
+                    """
+                    INSERT INTO inbox (consumer, event_id, source, sequence, status)
+                    SELECT $1, e.id, e.source, e.seq, 'applied'
+                      FROM unnest($2::text[], $3::text[], $4::bigint[]) AS e(id, source, seq)
+                    ON CONFLICT (consumer, event_id) DO NOTHING
+                    RETURNING event_id
+                    """,
+                    self.name,
+                    [e.id for _, e in handled],
+                    [e.source for _, e in handled],
+                    [e.sequence for _, e in handled],
+                )
+                new_ids = {r["event_id"] for r in rows}
+            for rec, env in handled:
+                if env.id not in new_ids:
+                    outcomes["duplicate"] = outcomes.get("duplicate", 0) + 1
+                    continue
+                new_ids.discard(env.id)  # the same event twice in one batch applies once
+                outcome = await self._apply_event(conn, rec, env)
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        for outcome, n in outcomes.items():
+            self._metrics.events_consumed.labels(self.name, outcome).inc(n)
+
+    async def _apply_event(self, conn, rec: ConsumerRecord, env: Envelope) -> str:
+        handler = self.handlers[env.type]
+        carrier = {k: v.decode("latin-1") for k, v in (rec.headers or ())}
+        last_error: BaseException | None = None
+        with self._tracer.start_as_current_span(
+            f"consume {env.type}", context=context_from_carrier(carrier), kind=SpanKind.CONSUMER,
+            attributes={"messaging.destination": rec.topic, "billstream.event_id": env.id,
+                        "billstream.consumer": self.name},
+        ):
+            for attempt in range(1, self._settings.consumer_max_attempts + 1):
+                try:
+                    data = parse_data(env.type, env.version, env.data)
+                    async with conn.transaction():
+                        await handler(EventContext(conn, env, data, self._store))
+                    return "applied"
+                except TRANSIENT_ERRORS:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a handler failure, counted per attempt
+                    last_error = exc
+                    self._log.warning("handler_failed", event_id=env.id, type=env.type,
+                                      attempt=attempt, error=repr(exc))
+                    if attempt < self._settings.consumer_max_attempts:
+                        await asyncio.sleep(self._settings.consumer_retry_backoff_s * attempt)
+        await self._dead_letter(conn, rec, env, f"handler failed: {last_error!r}")
+        await conn.execute(
+            "UPDATE inbox SET status = 'dead_lettered' WHERE consumer = $1 AND event_id = $2",
+            self.name, env.id,
+        )
+        return "dead_lettered"
+
+    async def _dead_letter(self, conn, rec: ConsumerRecord, env: Envelope | None,
+                           reason: str) -> None:
+        assert self._broker is not None
+        headers = {
+            "dlq_reason": reason[:1000],
+            "dlq_consumer": self.name,
+            "dlq_topic": rec.topic,
+            "dlq_partition": str(rec.partition),
+            "dlq_offset": str(rec.offset),
+        }
+        await self._broker.publish(rec.value, DEAD_LETTER, key=rec.key, headers=headers)
+        await conn.execute(
+            'INSERT INTO dead_letters (consumer, topic, partition, "offset", event_id, event_type,'
+            " reason, payload) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
+            self.name, rec.topic, rec.partition, rec.offset, env.id if env else None,
+            env.type if env else None, reason, rec.value,
+        )
+        self._log.error("dead_lettered", topic=rec.topic, offset=rec.offset, reason=reason)
+
+
+def data_as_dict(data: Any) -> dict:
+    return orjson.loads(orjson.dumps(data)) if not isinstance(data, dict) else data

@@ -1,0 +1,220 @@
+"""ServiceHost: runs one service — migrations, HTTP API, outbox relay, consumers, background
+tasks — and gives it its command line (`serve`, `migrate`, `rebuild`).
+
+A service's `bootstrap.py` (its one composition root) builds a ServiceHost from its settings,
+routers, consumers and tasks; tests call the same bootstrap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+
+import asyncpg
+import structlog
+import uvicorn
+from fastapi import APIRouter, FastAPI
+from faststream.kafka import KafkaBroker
+
+from billstream_contracts.topics import SUBSCRIPTION_EVENTS
+from billstream_messaging.consumer import EventConsumer, EventContext
+from billstream_messaging.relay import OutboxRelay
+from billstream_messaging.replay import rebuild
+from billstream_messaging.store import EventStore
+from billstream_messaging.topics import ensure_topics
+from billstream_runtime import db
+from billstream_runtime.auth import Authenticator, project_api_key_event
+from billstream_runtime.http import create_app
+from billstream_runtime.logging import configure_logging
+from billstream_runtime.metrics import Metrics
+from billstream_runtime.settings import ServiceSettings
+from billstream_runtime.telemetry import configure_tracing
+
+RUNTIME_MIGRATIONS = Path(__import__("billstream_runtime").__file__).parent / "migrations"
+MESSAGING_MIGRATIONS = Path(__file__).parent / "migrations"
+
+Task = Callable[["ServiceHost"], Awaitable[None]]
+
+
+async def _on_api_key(ctx: EventContext) -> None:
+    await project_api_key_event(ctx.conn, ctx.envelope.tenant_id, ctx.envelope.type,
+                                ctx.envelope.data)
+
+
+#: Handlers every service that does not own API keys merges into a consumer of
+#: `billstream.subscription.events`, so that it can authenticate requests on its own.
+API_KEY_HANDLERS = {"api_key.created": _on_api_key, "api_key.revoked": _on_api_key}
+AUTH_TOPIC = SUBSCRIPTION_EVENTS
+
+
+class ServiceHost:
+    def __init__(
+        self,
+        *,
+        settings: ServiceSettings,
+        title: str,
+        migrations: Path,
+        routers: Iterable[APIRouter] = (),
+        consumers: Iterable[EventConsumer] = (),
+        tasks: Iterable[Task] = (),
+        read_models: Mapping[str, Iterable[str]] | None = None,
+        store: EventStore | None = None,
+        state: Mapping[str, object] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = settings.service_name
+        self.store = store or EventStore(self.name)
+        self.metrics = Metrics(self.name)
+        self.consumers = list(consumers)
+        self.tasks = list(tasks)
+        self.read_models = {k: list(v) for k, v in (read_models or {}).items()}
+        self.migrations = [RUNTIME_MIGRATIONS, MESSAGING_MIGRATIONS, migrations]
+        self.app: FastAPI = create_app(service=self.name, title=title, routers=routers)
+        self.app.state.settings = settings
+        self.app.state.metrics = self.metrics
+        self.app.state.store = self.store
+        self.app.state.host = self
+        for key, value in (state or {}).items():
+            setattr(self.app.state, key, value)
+        self.pool: asyncpg.Pool | None = None
+        self.broker: KafkaBroker | None = None
+        self.relay: OutboxRelay | None = None
+        self._server: uvicorn.Server | None = None
+        self._running: list[asyncio.Task] = []
+        self._stopped = asyncio.Event()
+        self.log = structlog.get_logger("billstream.host").bind(service=self.name)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def open_database(self) -> asyncpg.Pool:
+        await db.wait_for_database(self.settings.database_url)
+        self.pool = await db.create_pool(
+            self.settings.database_url, self.settings.db_pool_min, self.settings.db_pool_max
+        )
+        applied = await db.migrate(self.pool, *self.migrations)
+        if applied:
+            self.log.info("migrated", applied=applied)
+        return self.pool
+
+    async def start(self, *, serve_http: bool = True) -> None:
+        configure_tracing(self.name, self.settings.otel_exporter_otlp_endpoint)
+        pool = await self.open_database()
+        self.app.state.pool = pool
+        self.app.state.authenticator = Authenticator(pool)
+        self.app.state.ready_checks = [self._db_ready, self._relay_ready, self._broker_ready]
+        await ensure_topics(self.settings.kafka_bootstrap)
+        self.broker = KafkaBroker(
+            self.settings.kafka_bootstrap, graceful_timeout=15.0, logger=None,
+            client_id=f"billstream-{self.name}",
+        )
+        for consumer in self.consumers:
+            await consumer.attach(self.broker, pool)
+        await self.broker.start()
+        self.relay = OutboxRelay(store=self.store, pool=pool, settings=self.settings,
+                                 metrics=self.metrics)
+        await self.relay.start()
+        for task in self.tasks:
+            self._running.append(asyncio.create_task(self._guard(task), name=task.__name__))
+        if serve_http:
+            config = uvicorn.Config(
+                self.app, host=self.settings.http_host, port=self.settings.http_port,
+                log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=10,
+            )
+            self._server = uvicorn.Server(config)
+            self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+            self._running.append(asyncio.create_task(self._server.serve(), name="http"))
+            while not self._server.started:
+                if self._running[-1].done():
+                    self._running[-1].result()
+                await asyncio.sleep(0.02)
+        self.log.info("service_started", port=self.settings.http_port,
+                      consumers=[c.group_id for c in self.consumers])
+
+    async def stop(self) -> None:
+        """Graceful: stop taking requests, drain in-flight consumer batches, stop the relay."""
+        if self._server:
+            self._server.should_exit = True
+        if self.broker:
+            await self.broker.stop()
+        if self.relay:
+            await self.relay.stop()
+        for task in self._running:
+            if task.get_name() != "http":
+                task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
+        if self.pool:
+            await self.pool.close()
+        self._stopped.set()
+        self.log.info("service_stopped")
+
+    async def _guard(self, task: Task) -> None:
+        """Run a background task, restarting it after failures."""
+        backoff = 0.2
+        while True:
+            try:
+                await task(self)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep background work alive
+                self.log.warning("task_failed", task=task.__name__, error=repr(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _db_ready(self) -> bool:
+        assert self.pool is not None
+        return await self.pool.fetchval("SELECT true")
+
+    def _relay_ready(self) -> bool:
+        return self.relay is not None and self.relay.ready()
+
+    def _broker_ready(self) -> bool:
+        return self.broker is not None and self.broker.running
+
+    # -- command line ------------------------------------------------------------------------
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        await self.stop()
+
+    async def migrate_only(self) -> None:
+        pool = await self.open_database()
+        await pool.close()
+
+    async def rebuild(self, consumer: str) -> int:
+        full = consumer if consumer.startswith(f"{self.name}.") else f"{self.name}.{consumer}"
+        if full not in self.read_models:
+            raise SystemExit(
+                f"unknown read model {consumer!r}; known: {', '.join(self.read_models) or '-'}"
+            )
+        pool = await self.open_database()
+        try:
+            return await rebuild(pool, full, self.read_models[full])
+        finally:
+            await pool.close()
+
+
+def run_cli(build: Callable[[], ServiceHost], argv: list[str] | None = None) -> None:
+    """The service's command line: `serve` (default), `migrate`, `rebuild CONSUMER`."""
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run migrations, then the API, relay and consumers")
+    sub.add_parser("migrate", help="apply pending migrations and exit")
+    rb = sub.add_parser("rebuild", help="drop a read model; it is rebuilt by replay at start")
+    rb.add_argument("consumer")
+    args = parser.parse_args(argv)
+    host = build()
+    configure_logging(host.name, host.settings.log_level, host.settings.log_json)
+    if args.command == "migrate":
+        asyncio.run(host.migrate_only())
+    elif args.command == "rebuild":
+        generation = asyncio.run(host.rebuild(args.consumer))
+        print(f"{args.consumer}: read model emptied; generation {generation} replays at start")
+    else:
+        asyncio.run(host.serve_forever())

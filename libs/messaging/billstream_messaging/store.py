@@ -1,0 +1,131 @@
+"""Transactional append: a state change and the events it produces commit together.
+
+    async with pool.acquire() as conn, conn.transaction():
+        ... change the read model / aggregate rows ...
+        await store.append(conn, [NewEvent(...)])   # the last statement before commit
+
+The relay publishes after commit; nothing is ever written to Kafka inside a transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from billstream_contracts import Envelope, EventData
+from billstream_contracts.topics import service_topic
+from billstream_runtime.ids import new_id
+from billstream_runtime.telemetry import current_carrier
+
+_COLUMNS = (
+    "seq", "id", "topic", "type", "version", "tenant_id", "environment", "aggregate_type",
+    "aggregate_id", "occurred_at", "recorded_at", "correlation_id", "causation_id",
+    "trace_context", "data",
+)
+_COPY_THRESHOLD = 64
+
+
+@dataclass(slots=True)
+class NewEvent:
+    data: EventData | dict[str, Any]
+    tenant_id: str
+    environment: str
+    aggregate_type: str
+    aggregate_id: str
+    occurred_at: datetime
+    type: str | None = None  # taken from `data` when it is an EventData
+    version: int | None = None
+    topic: str | None = None  # defaults to the store's topic
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    id: str = field(default_factory=lambda: new_id("evt"))
+
+    def resolved(self) -> tuple[str, int, dict[str, Any]]:
+        if isinstance(self.data, EventData):
+            return (
+                self.type or self.data.event_type,
+                self.version or self.data.version,
+                self.data.model_dump(mode="json"),
+            )
+        if not self.type:
+            raise ValueError("a dict payload needs an explicit event type")
+        return self.type, self.version or 1, self.data
+
+
+@dataclass(frozen=True, slots=True)
+class Cause:
+    """The event a consumer is handling: events it appends are caused by it and share its
+    correlation id."""
+
+    event_id: str
+    correlation_id: str | None
+
+
+class EventStore:
+    def __init__(self, source: str, topic: str | None = None) -> None:
+        self.source = source
+        self.topic = topic or service_topic(source)
+        self.channel = f"billstream_outbox_{source}"
+
+    async def append(
+        self, conn: asyncpg.Connection, events: Sequence[NewEvent], cause: Cause | None = None
+    ) -> list[Envelope]:
+        """Append `events` in the caller's transaction and wake the relay on commit.
+        Call it last in the transaction: it takes the log head lock until commit."""
+        if not events:
+            return []
+        if not conn.is_in_transaction():
+            raise RuntimeError("EventStore.append must run inside a transaction")
+        n = len(events)
+        last = await conn.fetchval(
+            "UPDATE event_log_head SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq",
+            n,
+        )
+        first = last - n + 1
+        recorded_at = datetime.now(UTC)
+        carrier = current_carrier() or None
+        rows = []
+        envelopes = []
+        for offset, ev in enumerate(events):
+            etype, version, data = ev.resolved()
+            correlation = ev.correlation_id or (cause.correlation_id if cause else None) or ev.id
+            causation = ev.causation_id or (cause.event_id if cause else None)
+            row = (
+                first + offset, ev.id, ev.topic or self.topic, etype, version, ev.tenant_id,
+                ev.environment, ev.aggregate_type, ev.aggregate_id, ev.occurred_at, recorded_at,
+                correlation, causation, carrier, data,
+            )
+            rows.append(row)
+            envelopes.append(
+                Envelope(
+                    id=ev.id, type=etype, version=version, tenant_id=ev.tenant_id,
+                    environment=ev.environment, occurred_at=ev.occurred_at,
+                    recorded_at=recorded_at, source=self.source, sequence=first + offset,
+                    aggregate_type=ev.aggregate_type, aggregate_id=ev.aggregate_id,
+                    correlation_id=correlation, causation_id=causation, data=data,
+                )
+            )
+        if n >= _COPY_THRESHOLD:
+            await conn.copy_records_to_table("event_log", records=rows, columns=_COLUMNS)
+        else:
+            await conn.executemany(
+                f"INSERT INTO event_log ({', '.join(_COLUMNS)}) VALUES "
+                f"({', '.join(f'${i}' for i in range(1, len(_COLUMNS) + 1))})",
+                rows,
+            )
+        await conn.execute("SELECT pg_notify($1, '')", self.channel)
+        return envelopes
+
+
+def envelope_from_row(source: str, row: asyncpg.Record) -> Envelope:
+    return Envelope(
+        id=row["id"], type=row["type"], version=row["version"], tenant_id=row["tenant_id"],
+        environment=row["environment"], occurred_at=row["occurred_at"],
+        recorded_at=row["recorded_at"], source=source, sequence=row["seq"],
+        aggregate_type=row["aggregate_type"], aggregate_id=row["aggregate_id"],
+        correlation_id=row["correlation_id"], causation_id=row["causation_id"], data=row["data"],
+    )

@@ -1,0 +1,90 @@
+"""The one error shape of the public API and the exceptions that produce it.
+
+    {"error": {"type", "code", "message", "param", "request_id"}}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    status: int = 400
+    type: str = "invalid_request_error"
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+        if status is not None:
+            self.status = status
+        self.headers = headers or {}
+
+    def body(self, request_id: str | None) -> dict[str, Any]:
+        return {
+            "error": {
+                "type": self.type,
+                "code": self.code,
+                "message": self.message,
+                "param": self.param,
+                "request_id": request_id,
+            }
+        }
+
+
+class InvalidRequest(ApiError):
+    status = 400
+
+
+class Unauthorized(ApiError):
+    status = 401
+    type = "authentication_error"
+
+
+class Forbidden(ApiError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFound(ApiError):
+    status = 404
+
+    def __init__(self, resource: str, ident: str, param: str | None = None) -> None:
+        super().__init__("resource_missing", f"No such {resource}: '{ident}'", param=param)
+
+
+class Conflict(ApiError):
+    status = 409
+
+
+class Unprocessable(ApiError):
+    status = 422
+
+
+class RateLimited(ApiError):
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(
+            "rate_limited", message, headers={"Retry-After": str(max(1, retry_after_s))}
+        )
+
+
+class ServiceUnavailable(ApiError):
+    status = 503
+    type = "api_error"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(
+            "service_unavailable", message, headers={"Retry-After": str(max(1, retry_after_s))}
+        )

@@ -1,0 +1,193 @@
+"""The `Idempotency-Key` layer for POST requests (an ASGI middleware).
+
+- same key, same request (method, path, query, body): the stored response is replayed with
+  `Idempotent-Replayed: true`;
+- same key, another request: 422 `idempotency_key_reused`;
+- same key while the first request is still running: 409 `idempotency_key_in_use`.
+
+Keys are scoped to the tenant and environment of the API key. The key is reserved in its own
+committed row before the handler runs, so a concurrent duplicate sees it. A 5xx answer releases
+the key so that the client can retry; an `in_progress` row older than `abandon_after_s` (a
+process that died mid-request) may be taken over by a retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import orjson
+
+from billstream_runtime.auth import Authenticator, bearer_token
+from billstream_runtime.errors import ApiError, InvalidRequest, Unprocessable, Conflict
+
+MAX_KEY_LENGTH = 255
+_SKIP_HEADERS = {b"content-length", b"date", b"server", b"request-id"}
+
+
+class IdempotencyMiddleware:
+    def __init__(
+        self,
+        app,
+        *,
+        pool: Callable[[], asyncpg.Pool],
+        authenticator: Callable[[], Authenticator],
+        admin_token: Callable[[], str],
+        error_response: Callable[[ApiError], Awaitable[tuple[int, list, bytes]]],
+        abandon_after_s: int = 60,
+    ) -> None:
+        self.app = app
+        self._pool = pool
+        self._auth = authenticator
+        self._admin_token = admin_token
+        self._error_response = error_response
+        self._abandon_after_s = abandon_after_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        raw_key = headers.get(b"idempotency-key")
+        if raw_key is None:
+            return await self.app(scope, receive, send)
+        try:
+            await self._handle(scope, receive, send, headers, raw_key.decode("latin-1"))
+        except ApiError as err:
+            status, hdrs, body = await self._error_response(err)
+            await _send(send, status, hdrs, body)
+
+    async def _handle(self, scope, receive, send, headers, key: str) -> None:
+        if not key or len(key) > MAX_KEY_LENGTH:
+            raise InvalidRequest(
+                "invalid_idempotency_key",
+                f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters",
+                param="Idempotency-Key",
+            )
+        body = await _read_body(receive)
+        token = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
+        if scope["path"].startswith("/admin"):
+            if token != self._admin_token():
+                # let the endpoint produce the proper 401
+                return await self.app(scope, _replay(body), send)
+            tenant, env = "_admin", "live"
+        else:
+            ctx = await self._auth().authenticate(token)
+            tenant, env = ctx.tenant_id, ctx.environment
+        digest = hashlib.sha256()
+        for part in (scope["method"], scope["path"], scope.get("query_string", b"")):
+            digest.update(part if isinstance(part, bytes) else part.encode())
+            digest.update(b"\0")
+        digest.update(body)
+        request_hash = digest.hexdigest()
+
+        pool = self._pool()
+        reserved = await pool.fetchval(
+            """
+            INSERT INTO idempotency_keys (tenant_id, environment, key, request_hash, status)
+            VALUES ($1, $2, $3, $4, 'in_progress')
+            ON CONFLICT (tenant_id, environment, key) DO UPDATE
+               SET created_at = now()
+             WHERE idempotency_keys.status = 'in_progress'
+               AND idempotency_keys.request_hash = EXCLUDED.request_hash
+               AND idempotency_keys.created_at < now() - make_interval(secs => $5)
+            RETURNING true
+            """,
+            tenant, env, key, request_hash, self._abandon_after_s,
+        )
+        if not reserved:
+            row = await pool.fetchrow(
+                "SELECT request_hash, status, response_status, response_headers, response_body"
+                " FROM idempotency_keys WHERE tenant_id=$1 AND environment=$2 AND key=$3",
+                tenant, env, key,
+            )
+            if row is None:  # released between our insert and select: treat as in use
+                raise Conflict("idempotency_key_in_use", "A request with this key is in progress")
+            if row["request_hash"] != request_hash:
+                raise Unprocessable(
+                    "idempotency_key_reused",
+                    "This Idempotency-Key was used with a different request; use a new key",
+                    param="Idempotency-Key",
+                )
+            if row["status"] == "in_progress":
+                raise Conflict(
+                    "idempotency_key_in_use",
+                    "A request with this Idempotency-Key is still in progress; retry later",
+                )
+            stored = [(k.encode(), v.encode()) for k, v in row["response_headers"]]
+            stored.append((b"idempotent-replayed", b"true"))
+            return await _send(send, row["response_status"], stored, bytes(row["response_body"]))
+
+        captured: dict = {"status": 500, "headers": [], "body": bytearray()}
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                captured["status"] = message["status"]
+                captured["headers"] = message.get("headers", [])
+            elif message["type"] == "http.response.body":
+                captured["body"] += message.get("body", b"")
+            await send(message)
+
+        try:
+            await self.app(scope, _replay(body), capture)
+        except BaseException:
+            await self._release(pool, tenant, env, key)
+            raise
+        if captured["status"] >= 500:
+            await self._release(pool, tenant, env, key)
+            return
+        kept = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in captured["headers"]
+            if k.lower() not in _SKIP_HEADERS
+        ]
+        await pool.execute(
+            "UPDATE idempotency_keys SET status='done', response_status=$4,"
+            " response_headers=$5, response_body=$6"
+            " WHERE tenant_id=$1 AND environment=$2 AND key=$3",
+            tenant, env, key, captured["status"], kept, bytes(captured["body"]),
+        )
+
+    @staticmethod
+    async def _release(pool, tenant, env, key) -> None:
+        await pool.execute(
+            "DELETE FROM idempotency_keys WHERE tenant_id=$1 AND environment=$2 AND key=$3"
+            " AND status='in_progress'",
+            tenant, env, key,
+        )
+
+
+async def _read_body(receive) -> bytes:
+    chunks = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    return bytes(chunks)
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _send(send, status: int, headers: list, body: bytes) -> None:
+    hdrs = [h for h in headers if h[0].lower() != b"content-length"]
+    hdrs.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": body})
+
+
+def dumps(obj) -> bytes:
+    return orjson.dumps(obj)

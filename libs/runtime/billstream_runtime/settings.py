@@ -1,0 +1,64 @@
+"""Typed settings with a per-service prefix.
+
+Every field `x` of a service's settings is read from `BILLSTREAM_<SERVICE>_X`, falling back to
+the shared `BILLSTREAM_X`, then to the field default. So one environment can configure six
+services at once (`BILLSTREAM_KAFKA_BOOTSTRAP`) while each keeps its own database
+(`BILLSTREAM_INVOICING_DATABASE_URL`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+S = TypeVar("S", bound="ServiceSettings")
+
+
+class ServiceSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    service_name: str
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    admin_token: str = ""
+    log_level: str = "INFO"
+    log_json: bool = True
+    otel_exporter_otlp_endpoint: str = ""
+    db_pool_min: int = 2
+    db_pool_max: int = 10
+    # outbox relay
+    relay_batch_size: int = 1000
+    relay_poll_interval_s: float = 1.0
+    relay_heartbeat_interval_s: float = 2.0
+    # consumers
+    consumer_max_records: int = 500
+    consumer_max_attempts: int = 5
+    consumer_retry_backoff_s: float = 0.2
+    consumer_group_prefix: str = "billstream"
+    # read-your-writes: how long an API call waits for a projection to catch up
+    projection_wait_s: float = 5.0
+
+    @property
+    def env_prefix(self) -> str:
+        return f"BILLSTREAM_{self.service_name.upper()}_"
+
+
+def load_settings(
+    service: str, cls: type[S] = ServiceSettings, environ: Mapping[str, str] | None = None
+) -> S:
+    env = os.environ if environ is None else environ
+    prefix = f"BILLSTREAM_{service.upper()}_"
+    values: dict[str, Any] = {"service_name": service}
+    for name in cls.model_fields:
+        if name == "service_name":
+            continue
+        for key in (prefix + name.upper(), "BILLSTREAM_" + name.upper()):
+            if key in env:
+                values[name] = env[key]
+                break
+    return cls.model_validate(values)
