@@ -27,6 +27,8 @@ class ApiError(Exception):
         self.param = param
         if status is not None:
             self.status = status
+        if self.status >= 500:
+            self.type = "api_error"
         self.headers = headers or {}
 
     def body(self, request_id: str | None) -> dict[str, Any]:

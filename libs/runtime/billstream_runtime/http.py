@@ -9,6 +9,7 @@ OpenAPI document generated from the code.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
@@ -195,6 +196,10 @@ def create_app(
         code = "parameter_missing" if first.get("type") == "missing" else "parameter_invalid"
         return error_response(InvalidRequest(code, f"{param}: {msg}" if param else msg,
                                              param=param))
+
+    @app.exception_handler(json.JSONDecodeError)
+    async def _bad_json(_request: Request, exc: json.JSONDecodeError):
+        return error_response(InvalidRequest("invalid_json", f"The body is not valid JSON: {exc}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):

@@ -74,12 +74,9 @@ class IdempotencyMiddleware:
         else:
             ctx = await self._auth().authenticate(token)
             tenant, env = ctx.tenant_id, ctx.environment
-        digest = hashlib.sha256()
-        for part in (scope["method"], scope["path"], scope.get("query_string", b"")):
-            digest.update(part if isinstance(part, bytes) else part.encode())
-            digest.update(b"\0")
-        digest.update(body)
-        request_hash = digest.hexdigest()
+        request_hash = hash_request(
+            scope["method"], scope["path"], scope.get("query_string", b""), body
+        )
 
         pool = self._pool()
         reserved = await pool.fetchval(
@@ -155,6 +152,16 @@ class IdempotencyMiddleware:
             " AND status='in_progress'",
             tenant, env, key,
         )
+
+
+def hash_request(method: str, path: str, query: bytes, body: bytes) -> str:
+    """What "the same request" means: method, path, query string and body bytes."""
+    digest = hashlib.sha256()
+    for part in (method.encode(), path.encode(), query):
+        digest.update(part)
+        digest.update(b"\0")
+    digest.update(body)
+    return digest.hexdigest()
 
 
 async def _read_body(receive) -> bytes:

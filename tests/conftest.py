@@ -1,0 +1,1 @@
+pytest_plugins = ["billstream_testing.fixtures"]

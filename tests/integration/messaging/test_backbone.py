@@ -1,0 +1,259 @@
+"""The backbone against a real PostgreSQL and a real Kafka-protocol broker: transactional
+append, relay, exactly-once consumption, dead letters, idempotent POSTs, tracing, replay."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+from fastapi import APIRouter, Request
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from billstream_messaging import EventConsumer, EventContext, NewEvent, ServiceHost
+from billstream_messaging.store import EventStore
+from billstream_runtime.auth import AuthContext, hash_key
+from billstream_runtime.http import SecretKey
+from billstream_runtime.idempotency import hash_request
+from billstream_runtime.ids import new_id
+from billstream_runtime.settings import load_settings
+from billstream_runtime.telemetry import configure_tracing
+from billstream_testing.fixtures import unique
+from billstream_testing.waiting import eventually
+
+pytestmark = pytest.mark.integration
+MIGRATIONS = Path(__file__).parent / "notes_migrations"
+SPANS = InMemorySpanExporter()
+configure_tracing("tests", extra_processor=SimpleSpanProcessor(SPANS))
+KEY = "sk_test_notes_integration_key_0001"
+
+
+def notes_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/notes")
+    async def create_note(request: Request, ctx: AuthContext = SecretKey):
+        body = await request.json()
+        if body.get("explode"):
+            raise RuntimeError("boom")  # a 5xx: releases the idempotency key
+        note_id = new_id("note")
+        pool, store = request.app.state.pool, request.app.state.store
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("INSERT INTO notes VALUES ($1, $2, $3)", note_id, ctx.tenant_id,
+                               body["text"])
+            await store.append(conn, [NewEvent(
+                {"note_id": note_id, "text": body["text"]}, type="note.created",
+                tenant_id=ctx.tenant_id, environment=ctx.environment, aggregate_type="note",
+                aggregate_id=note_id, occurred_at=datetime.now(UTC))])
+        return {"id": note_id}
+
+    return router
+
+
+async def count_note(ctx: EventContext) -> None:
+    if ctx.envelope.data["text"] == "poison":
+        raise ValueError("this note can never be applied")
+    await ctx.conn.execute(
+        "INSERT INTO note_counts VALUES ($1, 1) ON CONFLICT (tenant_id)"
+        " DO UPDATE SET n = note_counts.n + 1", ctx.envelope.tenant_id)
+
+
+def build_host(dsn: str, bootstrap: str, topic: str, group_prefix: str) -> ServiceHost:
+    settings = load_settings("notes", environ={
+        "BILLSTREAM_NOTES_DATABASE_URL": dsn, "BILLSTREAM_KAFKA_BOOTSTRAP": bootstrap,
+        "BILLSTREAM_NOTES_CONSUMER_GROUP_PREFIX": group_prefix,
+        "BILLSTREAM_NOTES_CONSUMER_MAX_ATTEMPTS": "2",
+        "BILLSTREAM_NOTES_CONSUMER_RETRY_BACKOFF_S": "0.01",
+        "BILLSTREAM_NOTES_RELAY_HEARTBEAT_INTERVAL_S": "0.2",
+    })
+    store = EventStore("notes", topic=topic)
+    consumer = EventConsumer(name="counter", topics=[topic], handlers={"note.created": count_note},
+                             settings=settings, metrics=None, store=store)  # type: ignore[arg-type]
+    host = ServiceHost(settings=settings, title="notes", migrations=MIGRATIONS,
+                       routers=[notes_router()], consumers=[consumer], store=store,
+                       read_models={"notes.counter": ["note_counts"]})
+    consumer._metrics = host.metrics
+    return host
+
+
+@pytest.fixture
+async def host(fresh_database, kafka_bootstrap):
+    h = build_host(fresh_database, kafka_bootstrap, unique("notes"), unique("g"))
+    await h.start(serve_http=False)
+    await h.pool.execute(
+        "INSERT INTO api_keys VALUES ('key_1', 'ten_1', 'test', 'secret', $1, 'sk_test_n', now())",
+        hash_key(KEY))
+    try:
+        yield h
+    finally:
+        await h.stop()
+
+
+def client(host: ServiceHost) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=host.app, raise_app_exceptions=False), base_url="http://t",
+                             headers={"Authorization": f"Bearer {KEY}"})
+
+
+async def counted(host: ServiceHost) -> int:
+    return await host.pool.fetchval("SELECT coalesce(sum(n), 0) FROM note_counts")
+
+
+async def test_append_relay_consume_exactly_once(host):
+    async with client(host) as c:
+        ids = [(await c.post("/v1/notes", json={"text": f"n{i}"})).json()["id"] for i in range(50)]
+    assert len(set(ids)) == 50
+    await eventually(lambda: _eq(counted(host), 50), message="50 notes counted")
+    seqs = [r["seq"] for r in await host.pool.fetch("SELECT seq FROM event_log ORDER BY seq")]
+    assert seqs == list(range(1, 51)), "the log's sequence is gapless"
+    # Redeliver everything the broker holds: a counted no-op.
+    consumer = host.consumers[0]
+    records = await _read_topic(host.settings.kafka_bootstrap, consumer.topics[0], 50)
+    await consumer.apply(records)
+    await consumer.apply(records)
+    assert await counted(host) == 50
+    dup = host.metrics.events_consumed.labels(consumer.name, "duplicate")._value.get()
+    assert dup >= 100
+
+
+async def test_unknown_types_are_counted_and_skipped_and_poison_goes_to_dlq(host):
+    consumer = host.consumers[0]
+    async with host.pool.acquire() as conn, conn.transaction():
+        await host.store.append(conn, [
+            NewEvent({"x": 1}, type="note.archived", tenant_id="ten_1", environment="test",
+                     aggregate_type="note", aggregate_id="n1", occurred_at=datetime.now(UTC)),
+            NewEvent({"note_id": "n2", "text": "poison"}, type="note.created", tenant_id="ten_1",
+                     environment="test", aggregate_type="note", aggregate_id="n2",
+                     occurred_at=datetime.now(UTC)),
+            NewEvent({"note_id": "n3", "text": "fine"}, type="note.created", tenant_id="ten_1",
+                     environment="test", aggregate_type="note", aggregate_id="n3",
+                     occurred_at=datetime.now(UTC)),
+        ])
+    await eventually(lambda: _eq(counted(host), 1), message="the good note applied")
+    await eventually(lambda: host.pool.fetchval("SELECT count(*) FROM dead_letters"))
+    row = await host.pool.fetchrow("SELECT * FROM dead_letters")
+    assert row["event_type"] == "note.created" and "never be applied" in row["reason"]
+    status = await host.pool.fetchval(
+        "SELECT status FROM inbox WHERE event_id = $1", row["event_id"])
+    assert status == "dead_lettered"
+    unknown = host.metrics.events_consumed.labels(consumer.name, "unknown_type")._value.get()
+    assert unknown == 1
+    dlq = await _read_topic(host.settings.kafka_bootstrap, "billstream.dlq", 1,
+                            match=lambda r: orjson.loads(r.value)["id"] == row["event_id"])
+    headers = dict(dlq[0].headers)
+    assert b"never be applied" in headers["dlq_reason"]
+
+
+async def test_idempotency_key_replays_rejects_and_releases(host):
+    async with client(host) as c:
+        h = {"Idempotency-Key": "k-1"}
+        first = await c.post("/v1/notes", json={"text": "a"}, headers=h)
+        again = await c.post("/v1/notes", json={"text": "a"}, headers=h)
+        assert first.status_code == again.status_code == 200
+        assert again.json() == first.json()
+        assert again.headers["idempotent-replayed"] == "true"
+        other = await c.post("/v1/notes", json={"text": "b"}, headers=h)
+        assert other.status_code == 422
+        assert other.json()["error"]["code"] == "idempotency_key_reused"
+        assert other.json()["error"]["request_id"].startswith("req_")
+        boom = await c.post("/v1/notes", json={"text": "c", "explode": True},
+                            headers={"Idempotency-Key": "k-2"})
+        assert boom.status_code == 500
+        assert boom.json()["error"]["type"] == "api_error"
+    assert await host.pool.fetchval("SELECT count(*) FROM notes") == 1
+    assert await host.pool.fetchval(
+        "SELECT count(*) FROM idempotency_keys WHERE key = 'k-2'") == 0
+
+
+async def test_concurrent_duplicate_gets_409(host):
+    body = orjson.dumps({"text": "a"})
+    await host.pool.execute(
+        "INSERT INTO idempotency_keys (tenant_id, environment, key, request_hash, status)"
+        " VALUES ('ten_1', 'test', 'k-busy', $1, 'in_progress')",
+        hash_request("POST", "/v1/notes", b"", body))
+    async with client(host) as c:
+        r = await c.post("/v1/notes", content=body, headers={"Idempotency-Key": "k-busy",
+                                                             "content-type": "application/json"})
+    assert r.status_code == 409
+    assert r.json()["error"]["code"] == "idempotency_key_in_use"
+    assert await host.pool.fetchval("SELECT count(*) FROM notes") == 0
+
+
+async def test_errors_have_one_shape(host):
+    async with client(host) as c:
+        r = await c.post("/v1/notes", json={"text": "a"},
+                         headers={"Authorization": "Bearer sk_test_nope"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = await c.post("/v1/notes", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        r = await c.get("/v1/nowhere")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "route_not_found"
+        assert r.headers["request-id"] == r.json()["error"]["request_id"]
+
+
+async def test_one_trace_from_http_to_consumer(host):
+    SPANS.clear()
+    async with client(host) as c:
+        await c.post("/v1/notes", json={"text": "traced"})
+    await eventually(lambda: _eq(counted(host), 1))
+
+    def traces():
+        spans = SPANS.get_finished_spans()
+        http = [s for s in spans if s.name == "POST /v1/notes"
+                and "billstream.request_id" in (s.attributes or {})]
+        consume = [s for s in spans if s.name == "consume note.created"]
+        return bool(http and consume) and http[0].context.trace_id == consume[0].context.trace_id
+
+    async def probe():
+        return traces()
+
+    await eventually(probe, message="HTTP and consumer spans share one trace")
+
+
+async def test_rebuild_by_replay(fresh_database, kafka_bootstrap):
+    topic, group = unique("notes"), unique("g")
+    h = build_host(fresh_database, kafka_bootstrap, topic, group)
+    await h.start(serve_http=False)
+    try:
+        async with h.pool.acquire() as conn, conn.transaction():
+            await h.store.append(conn, [NewEvent(
+                {"note_id": f"n{i}", "text": "x"}, type="note.created", tenant_id="ten_1",
+                environment="test", aggregate_type="note", aggregate_id=f"n{i}",
+                occurred_at=datetime.now(UTC)) for i in range(30)])
+        await eventually(lambda: _eq(counted(h), 30))
+    finally:
+        await h.stop()
+    generation = await build_host(fresh_database, kafka_bootstrap, topic, group).rebuild("counter")
+    assert generation == 2
+    h2 = build_host(fresh_database, kafka_bootstrap, topic, group)
+    await h2.start(serve_http=False)
+    try:
+        assert h2.consumers[0].group_id.endswith(".g2")
+        await eventually(lambda: _eq(counted(h2), 30), message="rebuilt by replay")
+    finally:
+        await h2.stop()
+
+
+async def _eq(awaitable, expected):
+    return (await awaitable) == expected
+
+
+async def _read_topic(bootstrap, topic, n, match=lambda r: True):
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=unique("reader"),
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    found = []
+    try:
+        deadline = asyncio.get_running_loop().time() + 20
+        while len(found) < n and asyncio.get_running_loop().time() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                found += [r for r in records if match(r)]
+    finally:
+        await consumer.stop()
+    assert len(found) >= n, f"found {len(found)} of {n} records on {topic}"
+    return found[:n] if n else found
