@@ -1,0 +1,55 @@
+"""Publish contract events straight onto a topic, as another service's relay would, so a
+service can be tested without the services it listens to."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from billstream_contracts import Envelope, EventData
+from billstream_runtime.ids import new_id
+
+_seq = itertools.count(1)
+
+
+def envelope(
+    data: EventData | dict[str, Any],
+    *,
+    tenant_id: str,
+    environment: str = "test",
+    source: str = "subscription",
+    aggregate_type: str = "test",
+    aggregate_id: str | None = None,
+    type: str | None = None,
+    version: int = 1,
+    occurred_at: datetime | None = None,
+    event_id: str | None = None,
+) -> Envelope:
+    now = datetime.now(UTC)
+    if isinstance(data, EventData):
+        type, version, payload = data.event_type, data.version, data.model_dump(mode="json")
+    else:
+        payload = data
+    assert type, "a dict payload needs a type"
+    return Envelope(
+        id=event_id or new_id("evt"), type=type, version=version, tenant_id=tenant_id,
+        environment=environment, occurred_at=occurred_at or now, recorded_at=now, source=source,
+        sequence=next(_seq), aggregate_type=aggregate_type,
+        aggregate_id=aggregate_id or new_id("agg"), data=payload,
+    )
+
+
+async def publish(bootstrap: str, topic: str, *envelopes: Envelope) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for env in envelopes:
+            await producer.send_and_wait(
+                topic, env.model_dump_json().encode(), key=env.key.encode(),
+                headers=[("event_type", env.type.encode())],
+            )
+    finally:
+        await producer.stop()
