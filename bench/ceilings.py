@@ -1,0 +1,107 @@
+"""The ceilings of this machine that later figures are compared to: raw broker produce and
+consume rates with the same client library the services use (aiokafka), and PostgreSQL bulk
+insert rates (COPY and batched INSERT) for usage-sized rows."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+N_MESSAGES = int(os.environ.get("BENCH_CEILING_MESSAGES", "200000"))
+N_ROWS = int(os.environ.get("BENCH_CEILING_ROWS", "200000"))
+# A usage.accepted envelope is ~600 bytes of JSON.
+PAYLOAD = b'{"id":"evt_01JD000000000000000000000","type":"usage.accepted",' + b"x" * 540 + b"}"
+
+
+async def broker_produce_consume(bootstrap: str) -> dict:
+    topic = f"bench.ceiling.{int(time.time() * 1000)}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, 8, 1)])
+    await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
+                                max_batch_size=512 * 1024, enable_idempotence=False)
+    await producer.start()
+    started = time.perf_counter()
+    pending = []
+    for i in range(N_MESSAGES):
+        pending.append(await producer.send(topic, PAYLOAD, key=b"cus_%d" % (i % 1000)))
+        if len(pending) >= 20_000:
+            await asyncio.gather(*pending)
+            pending.clear()
+    await asyncio.gather(*pending)
+    produce_s = time.perf_counter() - started
+    await producer.stop()
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"{topic}.g",
+                                auto_offset_reset="earliest", enable_auto_commit=False,
+                                max_partition_fetch_bytes=4 * 1024 * 1024)
+    await consumer.start()
+    seen = 0
+    started = time.perf_counter()
+    while seen < N_MESSAGES:
+        batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+        seen += sum(len(v) for v in batch.values())
+        if batch:
+            await consumer.commit()
+    consume_s = time.perf_counter() - started
+    await consumer.stop()
+    return {
+        "messages": N_MESSAGES,
+        "message_bytes": len(PAYLOAD),
+        "produce_msgs_per_s": round(N_MESSAGES / produce_s),
+        "produce_mb_per_s": round(N_MESSAGES * len(PAYLOAD) / produce_s / 1e6, 1),
+        "consume_msgs_per_s": round(N_MESSAGES / consume_s),
+        "consume_mb_per_s": round(N_MESSAGES * len(PAYLOAD) / consume_s / 1e6, 1),
+    }
+
+
+async def postgres_bulk_insert(dsn: str) -> dict:
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(
+        "DROP TABLE IF EXISTS bench_usage; CREATE TABLE bench_usage ("
+        " usage_id text PRIMARY KEY, tenant_id text, environment text, customer text,"
+        " meter text, quantity numeric, ts timestamptz, properties jsonb)"
+    )
+    now = datetime.now(UTC)
+    rows = [
+        (f"use_{i:020d}", "ten_bench", "test", f"cus_{i % 1000}", "api_calls", Decimal(1), now,
+         '{"region": "eu"}')
+        for i in range(N_ROWS)
+    ]
+    started = time.perf_counter()
+    for i in range(0, N_ROWS, 10_000):
+        await conn.copy_records_to_table("bench_usage", records=rows[i:i + 10_000])
+    copy_s = time.perf_counter() - started
+    await conn.execute("TRUNCATE bench_usage")
+    started = time.perf_counter()
+    for i in range(0, N_ROWS, 1000):
+        chunk = rows[i:i + 1000]
+        await conn.execute(
+            "INSERT INTO bench_usage SELECT * FROM unnest($1::text[], $2::text[], $3::text[],"
+            " $4::text[], $5::text[], $6::numeric[], $7::timestamptz[], $8::jsonb[])"
+            " ON CONFLICT DO NOTHING",
+            *[list(col) for col in zip(*chunk, strict=True)],
+        )
+    insert_s = time.perf_counter() - started
+    await conn.execute("DROP TABLE bench_usage")
+    await conn.close()
+    return {
+        "rows": N_ROWS,
+        "copy_rows_per_s": round(N_ROWS / copy_s),
+        "unnest_insert_on_conflict_rows_per_s": round(N_ROWS / insert_s),
+    }
+
+
+async def run(ctx) -> dict:
+    return {
+        "broker": await broker_produce_consume(ctx.kafka_bootstrap),
+        "postgres": await postgres_bulk_insert(ctx.database_url("bench")),
+    }
