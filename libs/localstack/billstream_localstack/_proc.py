@@ -106,13 +106,17 @@ def spawn(
         )
 
 
-def kill_group(pid: int) -> None:
-    """SIGKILL the process group led by `pid` (our children lead their own), or `pid` alone."""
+def signal_group(pid: int, signum: int) -> None:
+    """Signal the process group led by `pid` (our children lead their own), or `pid` alone."""
     try:
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pid, signum)
     except ProcessLookupError:
         with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signum)
+
+
+def kill_group(pid: int) -> None:
+    signal_group(pid, signal.SIGKILL)
 
 
 def terminate(

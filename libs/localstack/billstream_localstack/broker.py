@@ -87,6 +87,7 @@ class TansuBroker:
             lambda: run_sync(lambda: _answers_metadata(self.bootstrap)),
             timeout=self._startup_timeout,
             failed=lambda: exit_reason(self._proc),
+            interval=0.02,  # a short window in which clients could auto-create topics
         )
         if reason is not None:
             self.stop()

@@ -9,13 +9,15 @@ base URL in front of them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +34,7 @@ from billstream_localstack._proc import (
     log_size,
     port_is_free,
     run_sync,
+    signal_group,
     spawn,
     startup_error,
     terminate,
@@ -184,11 +187,18 @@ class LocalStack:
 
     def restart_broker_empty(self) -> None:
         """Restart the embedded broker on the same port, losing every topic and message, then
-        create the topics again."""
+        create the topics again.
+
+        The services are paused (SIGSTOP) meanwhile: Tansu creates a missing topic, with its
+        own partition count, on any client's metadata request, so a service reconnecting
+        first would leave a topic with the wrong partitions. They find the broker empty when
+        they resume a fraction of a second later.
+        """
         if self.broker is None:
             raise RuntimeError("the broker is external; only the embedded one can be restarted")
-        self.broker.restart()
-        run_sync(lambda: ensure_topics(self.kafka_bootstrap))
+        with self._services_paused():
+            self.broker.restart()
+            run_sync(lambda: ensure_topics(self.kafka_bootstrap))
 
     def exited(self) -> dict[str, int]:
         """The processes that have exited since they were started, with their exit codes."""
@@ -197,6 +207,21 @@ class LocalStack:
             for name, child in self._children.items()
             if (code := child.proc.poll()) is not None
         }
+
+    @contextlib.contextmanager
+    def _services_paused(self) -> Iterator[None]:
+        pids = [
+            child.proc.pid
+            for name, child in self._children.items()
+            if name != GATEWAY and child.proc.poll() is None
+        ]
+        for pid in pids:
+            signal_group(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                signal_group(pid, signal.SIGCONT)
 
     def __enter__(self) -> LocalStack:
         self.start()

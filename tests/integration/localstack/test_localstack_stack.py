@@ -12,6 +12,7 @@ import asyncpg
 import httpx
 import psutil
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from billstream_contracts.topics import TOPICS
 from billstream_localstack._proc import StartupError, port_is_free
@@ -131,15 +132,17 @@ def test_kill_and_start_a_service(stack: LocalStack, http: httpx.Client) -> None
     assert http.get(f"{stack.base_url}/v1/invoices").json()["service"] == "invoicing"
 
 
-async def test_restart_broker_empty(stack: LocalStack) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([])  # nothing: just proves the connection
-    finally:
-        await admin.close()
+async def test_restart_broker_empty(stack: LocalStack, http: httpx.Client) -> None:
     bootstrap = stack.kafka_bootstrap
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        await producer.send_and_wait("localstack.test.lost", b"gone after the restart")
+    finally:
+        await producer.stop()
+
     stack.restart_broker_empty()
+
     assert stack.kafka_bootstrap == bootstrap
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -147,6 +150,9 @@ async def test_restart_broker_empty(stack: LocalStack) -> None:
         assert set(await admin.list_topics()) == {topic.name for topic in TOPICS}
     finally:
         await admin.close()
+    for service in SERVICES:  # resumed after the pause
+        echoed = http.get(f"{stack.service_urls[service]}/echo", timeout=2).json()
+        assert echoed["service"] == service
 
 
 def test_demo_tenant_is_created_then_reused(
