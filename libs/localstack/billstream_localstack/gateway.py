@@ -208,6 +208,7 @@ def main() -> None:
         port=port,
         log_level=log_level,
         access_log=log_level == "debug",
+        proxy_headers=False,  # the gateway is the edge: it adds X-Forwarded-*, never trusts them
     )
 
 
