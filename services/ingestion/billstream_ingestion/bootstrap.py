@@ -1,0 +1,34 @@
+"""The composition root of ingestion: `build(settings) -> ServiceHost`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client import Counter
+
+from billstream_contracts.topics import USAGE_ACCEPTED
+from billstream_ingestion.endpoints import router
+from billstream_ingestion.handlers import CATALOG_HANDLERS, CATALOG_READ_MODEL
+from billstream_ingestion.settings import IngestionSettings, load
+from billstream_messaging import AUTH_TOPIC, EventConsumer, EventStore, ServiceHost
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def build(settings: IngestionSettings | None = None) -> ServiceHost:
+    settings = settings or load()
+    store = EventStore("ingestion", topic=USAGE_ACCEPTED)
+    host = ServiceHost(
+        settings=settings, title="Billstream ingestion", migrations=MIGRATIONS,
+        routers=[router], store=store,
+        read_models={f"{settings.service_name}.catalog": CATALOG_READ_MODEL},
+    )
+    host.consumers.append(EventConsumer(
+        name="catalog", topics=[AUTH_TOPIC], handlers=CATALOG_HANDLERS, settings=settings,
+        metrics=host.metrics, store=store,
+    ))
+    host.metrics.custom["usage_events"] = Counter(
+        "billstream_usage_events_total", "Usage events ingested over HTTP, by outcome",
+        ["outcome"], registry=host.metrics.registry,
+    )
+    return host

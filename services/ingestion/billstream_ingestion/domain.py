@@ -1,0 +1,362 @@
+"""Usage events: validation, normalization, payload hashing and per-event outcomes.
+
+Pure: no I/O. The service feeds it the raw JSON (parsed with `parse_float=Decimal`, so a number
+never passes through a float), what the projections know, and what the dedup table answered.
+
+Decisions worth knowing:
+
+- Unknown *customers* are accepted. Usage for a customer that does not exist yet (or whose
+  `customer.created` has not reached this service) is kept with `customer_id = None` and the
+  reference as sent; metering attributes it when the customer appears, matching either its
+  `cus_` id or its `external_id`. Losing usage is worse than holding it.
+- Unknown *meters* are rejected (`unknown_meter`): there is nothing to aggregate it into.
+- The payload hash covers customer, meter, normalized quantity, the timestamp *as sent* (not
+  the defaulted one, so a retry of an event without a timestamp is still a duplicate) and the
+  properties as canonical JSON. Same key + same hash = duplicate; same key + another hash =
+  `idempotency_key_conflict`. Within one request the first valid occurrence of a key wins.
+- Quantities are finite, non-negative decimals (a usage event records consumption; corrections
+  are not usage), at most 30 integer and 20 fraction digits; they travel as normalized decimal
+  strings ("1500", "3.5").
+- Non-integer JSON numbers inside `properties` are kept exactly as normalized decimal strings
+  (the event log's JSON has no exact decimal number type); integers stay integers (those outside
+  the 64-bit range become strings too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+import orjson
+
+MAX_KEY_LENGTH = 255
+MAX_REF_LENGTH = 255
+MAX_INTEGER_DIGITS = 30
+MAX_FRACTION_DIGITS = 20
+EVENT_FIELDS = frozenset(
+    {"idempotency_key", "customer", "meter", "quantity", "timestamp", "properties"}
+)
+
+_DECIMAL_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_RFC3339_RE = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+)
+_INT64 = (-(2**63), 2**63 - 1)
+
+Status = Literal["accepted", "duplicate", "rejected"]
+
+
+class BodyError(ValueError):
+    """The request body as a whole is unusable (not one event per outcome)."""
+
+    def __init__(self, code: str, message: str, param: str | None = None,
+                 status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+        self.status = status
+
+
+class EventError(ValueError):
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """A syntactically valid usage event, normalized."""
+
+    index: int
+    idempotency_key: str
+    customer: str
+    meter: str
+    quantity: Decimal
+    timestamp: datetime | None  # None: not sent; defaults to "now" when accepted
+    properties: dict[str, Any]  # JSON-safe (no Decimal, no float)
+    payload_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    index: int
+    idempotency_key: str | None
+    status: Status
+    usage_id: str | None = None
+    code: str | None = None
+    message: str | None = None
+    param: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index, "idempotency_key": self.idempotency_key,
+                               "status": self.status}
+        for name in ("usage_id", "code", "message", "param"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+def rejected(index: int, key: Any, code: str, message: str,
+             param: str | None = None) -> Outcome:
+    return Outcome(index, key if isinstance(key, str) else None, "rejected", code=code,
+                   message=message, param=param)
+
+
+# ---------------------------------------------------------------- the body
+
+
+def split_body(body: Any, max_events: int) -> list[Any]:
+    """The raw events of a request body: one native event object, or `{"events": [...]}`."""
+    if not isinstance(body, dict):
+        raise BodyError("parameter_invalid",
+                        "The body must be a usage event object or {\"events\": [...]}")
+    if "events" not in body:
+        return [body]
+    extra = sorted(set(body) - {"events"})
+    if extra:
+        raise BodyError("parameter_unknown",
+                        f"A batch body has only 'events'; unknown: {', '.join(extra)}",
+                        param=extra[0])
+    events = body["events"]
+    if not isinstance(events, list):
+        raise BodyError("parameter_invalid", "events must be an array of usage events",
+                        param="events")
+    if not events:
+        raise BodyError("parameter_invalid", "events must hold at least one usage event",
+                        param="events")
+    if len(events) > max_events:
+        raise BodyError("batch_too_large",
+                        f"A batch holds at most {max_events} events; got {len(events)}",
+                        param="events", status=413)
+    return events
+
+
+# ---------------------------------------------------------------- one event
+
+
+def parse_event(index: int, raw: Any, *, max_properties_bytes: int) -> UsageEvent | Outcome:
+    """Validate and normalize one raw event; a rejected Outcome when it is unusable."""
+    key = raw.get("idempotency_key") if isinstance(raw, dict) else None
+    try:
+        if not isinstance(raw, dict):
+            raise EventError("invalid_event", "Each usage event must be a JSON object")
+        unknown = sorted(set(raw) - EVENT_FIELDS)
+        if unknown:
+            raise EventError("invalid_event", f"Unknown field '{unknown[0]}'", unknown[0])
+        idempotency_key = _text(raw, "idempotency_key", MAX_KEY_LENGTH)
+        customer = _text(raw, "customer", MAX_REF_LENGTH)
+        meter = _text(raw, "meter", MAX_REF_LENGTH)
+        raw_quantity = raw.get("quantity")
+        quantity = parse_quantity(1 if raw_quantity is None else raw_quantity)
+        timestamp = None
+        if raw.get("timestamp") is not None:
+            timestamp = parse_timestamp(raw["timestamp"], "timestamp")
+        props_raw = raw.get("properties")
+        if props_raw is None:
+            props_raw = {}
+        if not isinstance(props_raw, dict):
+            raise EventError("invalid_event", "properties must be a JSON object", "properties")
+        properties = json_safe(props_raw, "properties")
+        size = len(canonical_json(properties))
+        if size > max_properties_bytes:
+            raise EventError("properties_too_large",
+                             f"properties serialize to {size} bytes; at most "
+                             f"{max_properties_bytes} are allowed", "properties")
+    except EventError as err:
+        return rejected(index, key, err.code, err.message, err.param)
+    return UsageEvent(
+        index=index, idempotency_key=idempotency_key, customer=customer, meter=meter,
+        quantity=quantity, timestamp=timestamp, properties=properties,
+        payload_hash=payload_hash(customer, meter, quantity, timestamp, properties),
+    )
+
+
+def _text(raw: Mapping[str, Any], name: str, max_length: int) -> str:
+    value = raw.get(name)
+    if value is None:
+        raise EventError("invalid_event", f"{name} is required", name)
+    if not isinstance(value, str):
+        raise EventError("invalid_event", f"{name} must be a string", name)
+    if not value or len(value) > max_length:
+        raise EventError("invalid_event", f"{name} must be 1 to {max_length} characters", name)
+    return value
+
+
+def parse_quantity(value: Any) -> Decimal:
+    """A finite, non-negative decimal from a decimal string or a JSON integer/decimal."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise EventError("invalid_event",
+                         "quantity must be a decimal string or a JSON number", "quantity")
+    if isinstance(value, str):
+        if not _DECIMAL_RE.match(value):
+            raise EventError("invalid_event", f"quantity {value!r} is not a decimal number",
+                             "quantity")
+        try:
+            number = Decimal(value)
+        except InvalidOperation as exc:  # pragma: no cover - the regex admits valid ones only
+            raise EventError("invalid_event", "quantity is not a decimal", "quantity") from exc
+    elif isinstance(value, int | Decimal):
+        number = Decimal(value)
+    else:
+        raise EventError("invalid_event",
+                         "quantity must be a decimal string or a JSON number", "quantity")
+    if not number.is_finite():
+        raise EventError("invalid_event", "quantity must be a finite number", "quantity")
+    if number < 0:
+        raise EventError("invalid_event", "quantity must not be negative", "quantity")
+    _sign, digits, exp = _stripped(number)
+    if len(digits) + exp > MAX_INTEGER_DIGITS or -exp > MAX_FRACTION_DIGITS:
+        raise EventError("invalid_event",
+                         f"quantity must have at most {MAX_INTEGER_DIGITS} integer and "
+                         f"{MAX_FRACTION_DIGITS} fraction digits", "quantity")
+    return Decimal(format_decimal(number))
+
+
+def parse_timestamp(value: Any, param: str) -> datetime:
+    """An RFC 3339 timestamp with an offset, as an aware UTC datetime."""
+    if not isinstance(value, str) or not _RFC3339_RE.match(value):
+        raise EventError("invalid_event",
+                         f"{param} must be an RFC 3339 timestamp such as "
+                         "2026-01-31T12:00:00Z", param)
+    text = value[:-1] + "+00:00" if value[-1] in "Zz" else value
+    try:
+        parsed = datetime.fromisoformat(text.replace("t", "T"))
+    except ValueError as exc:
+        raise EventError("invalid_event", f"{param}: {exc}", param) from exc
+    return parsed.astimezone(UTC)
+
+
+def _stripped(value: Decimal) -> tuple[int, str, int]:
+    """(sign, significant digits without trailing zeros, exponent), exactly (no context)."""
+    sign, digit_tuple, exp = value.as_tuple()
+    digits = "".join(map(str, digit_tuple)).lstrip("0")
+    if not digits:
+        return 0, "0", 0
+    stripped = digits.rstrip("0")
+    return sign, stripped, int(exp) + len(digits) - len(stripped)
+
+
+def format_decimal(value: Decimal) -> str:
+    """Normalized plain decimal string: no exponent, no trailing zeros ("1500", "3.5").
+    Exact whatever the number of digits (Decimal.normalize would round to 28)."""
+    sign, digits, exp = _stripped(value)
+    if exp >= 0:
+        text = digits + "0" * exp
+    else:
+        point = len(digits) + exp
+        text = (digits[:point] + "." + digits[point:] if point > 0
+                else "0." + "0" * -point + digits)
+    return ("-" if sign and text != "0" else "") + text
+
+
+def _plain_length(value: Decimal) -> int:
+    _sign, digits, exp = _stripped(value)
+    return len(digits) + abs(exp) + 2
+
+
+def json_safe(value: Any, path: str) -> Any:
+    """Properties as JSON-safe values: exact decimals (non-integer numbers) become normalized
+    decimal strings, integers outside 64 bits become strings; NaN/Infinity are refused."""
+    if isinstance(value, dict):
+        return {k: json_safe(v, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v, path) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value if _INT64[0] <= value <= _INT64[1] else str(value)
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise EventError("invalid_event", f"{path} must be a finite number", path)
+        # a huge exponent would expand to megabytes: keep those in exponent notation
+        return format_decimal(value) if _plain_length(value) <= 100 else str(value)
+    if isinstance(value, float):  # not produced by our parser; refused like any float
+        raise EventError("invalid_event", f"{path}: floats are not accepted", path)
+    raise EventError("invalid_event", f"{path} holds an unsupported value", path)
+
+
+def canonical_json(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def format_timestamp(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def payload_hash(customer: str, meter: str, quantity: Decimal, timestamp: datetime | None,
+                 properties: Mapping[str, Any]) -> str:
+    """What "the same event" means for an idempotency key (see the module docstring)."""
+    canonical = canonical_json({
+        "customer": customer,
+        "meter": meter,
+        "quantity": format_decimal(quantity),
+        "timestamp": format_timestamp(timestamp) if timestamp else None,
+        "properties": properties,
+    })
+    return hashlib.sha256(canonical).hexdigest()
+
+
+# ---------------------------------------------------------------- outcomes
+
+
+def first_per_key(events: Iterable[UsageEvent]) -> list[UsageEvent]:
+    """The first occurrence of each idempotency key, in request order."""
+    seen: set[str] = set()
+    firsts = []
+    for ev in events:
+        if ev.idempotency_key not in seen:
+            seen.add(ev.idempotency_key)
+            firsts.append(ev)
+    return firsts
+
+
+def resolve_outcomes(
+    events: Sequence[UsageEvent],
+    claimed: Mapping[str, tuple[str, str, bool]],
+) -> list[Outcome]:
+    """Outcomes of valid events once their keys are claimed.
+
+    `claimed[key] = (payload_hash, usage_id, inserted_now)`: the payload that owns the key
+    (this request's first occurrence when `inserted_now`, otherwise the one stored before).
+    Exactly one event per inserted key is accepted; events matching the owner's payload are
+    duplicates of it, the others conflict.
+    """
+    out = []
+    accepted_keys: set[str] = set()
+    for ev in events:
+        owner_hash, usage_id, inserted = claimed[ev.idempotency_key]
+        if ev.payload_hash != owner_hash:
+            out.append(rejected(
+                ev.index, ev.idempotency_key, "idempotency_key_conflict",
+                "This idempotency_key was already used for an event with a different payload",
+                "idempotency_key"))
+        elif inserted and ev.idempotency_key not in accepted_keys:
+            accepted_keys.add(ev.idempotency_key)
+            out.append(Outcome(ev.index, ev.idempotency_key, "accepted", usage_id=usage_id))
+        else:
+            out.append(Outcome(ev.index, ev.idempotency_key, "duplicate", usage_id=usage_id))
+    return out
+
+
+def summarize(outcomes: Iterable[Outcome]) -> dict[str, Any]:
+    """The response body: counts and one result per event, in request order."""
+    ordered = sorted(outcomes, key=lambda o: o.index)
+    counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
+    for o in ordered:
+        counts[o.status] += 1
+    return {
+        "object": "usage_ingest_result",
+        "accepted": counts["accepted"],
+        "duplicates": counts["duplicate"],
+        "rejected": counts["rejected"],
+        "results": [o.as_dict() for o in ordered],
+    }

@@ -1,0 +1,158 @@
+"""All of ingestion's SQL: the idempotency keys and the read models it validates usage with."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+Conn = asyncpg.Connection | asyncpg.Pool
+
+
+@dataclass(frozen=True, slots=True)
+class KnownCustomer:
+    customer_id: str
+    external_id: str | None
+    clock_time: datetime | None  # its test clock's frozen time, when it has one we know
+
+
+@dataclass(frozen=True, slots=True)
+class KeyClaim:
+    idempotency_key: str
+    payload_hash: str
+    usage_id: str
+
+
+# ---------------------------------------------------------------- idempotency keys
+
+
+async def claim_keys(
+    conn: asyncpg.Connection, tenant_id: str, environment: str, claims: Sequence[KeyClaim]
+) -> dict[str, tuple[str, str, bool]]:
+    """Insert the keys in one statement; for each key, (payload_hash, usage_id, inserted_now)
+    of the row that owns it. Keys already taken keep their first payload.
+
+    Claims are inserted in key order so that two concurrent batches lock keys in the same
+    order (no deadlock); a concurrent insert of the same key waits for the other transaction
+    and then sees its row (`ON CONFLICT DO NOTHING`), so a key is accepted once."""
+    ordered = sorted(claims, key=lambda c: c.idempotency_key)
+    rows = await conn.fetch(
+        """
+        WITH input AS (
+            SELECT * FROM unnest($3::text[], $4::text[], $5::text[])
+                   AS t(idempotency_key, payload_hash, usage_id)
+        ), inserted AS (
+            INSERT INTO usage_keys (tenant_id, environment, idempotency_key, payload_hash,
+                                    usage_id)
+            SELECT $1, $2, idempotency_key, payload_hash, usage_id FROM input
+            ON CONFLICT (tenant_id, environment, idempotency_key) DO NOTHING
+            RETURNING idempotency_key
+        )
+        SELECT i.idempotency_key, i.payload_hash AS new_hash, i.usage_id AS new_usage_id,
+               ins.idempotency_key IS NOT NULL AS inserted,
+               k.payload_hash AS old_hash, k.usage_id AS old_usage_id
+          FROM input i
+          LEFT JOIN inserted ins USING (idempotency_key)
+          LEFT JOIN usage_keys k
+                 ON k.tenant_id = $1 AND k.environment = $2
+                AND k.idempotency_key = i.idempotency_key
+        """,
+        tenant_id, environment,
+        [c.idempotency_key for c in ordered], [c.payload_hash for c in ordered],
+        [c.usage_id for c in ordered],
+    )
+    result: dict[str, tuple[str, str, bool]] = {}
+    unseen: list[str] = []
+    for r in rows:
+        if r["inserted"]:
+            result[r["idempotency_key"]] = (r["new_hash"], r["new_usage_id"], True)
+        elif r["old_hash"] is not None:
+            result[r["idempotency_key"]] = (r["old_hash"], r["old_usage_id"], False)
+        else:
+            # Committed by a concurrent request after this statement's snapshot was taken.
+            unseen.append(r["idempotency_key"])
+    if unseen:
+        for r in await conn.fetch(
+            "SELECT idempotency_key, payload_hash, usage_id FROM usage_keys"
+            " WHERE tenant_id = $1 AND environment = $2 AND idempotency_key = ANY($3::text[])",
+            tenant_id, environment, unseen,
+        ):
+            result[r["idempotency_key"]] = (r["payload_hash"], r["usage_id"], False)
+    return result
+
+
+# ---------------------------------------------------------------- lookups
+
+
+async def known_meters(conn: Conn, tenant_id: str, environment: str,
+                       codes: Iterable[str]) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT code FROM meters WHERE tenant_id = $1 AND environment = $2"
+        " AND code = ANY($3::text[])",
+        tenant_id, environment, list(codes),
+    )
+    return {r["code"] for r in rows}
+
+
+async def known_customers(conn: Conn, tenant_id: str, environment: str,
+                          refs: Iterable[str]) -> dict[str, KnownCustomer]:
+    """Customers named by `refs` (cus_ ids or external ids), keyed by the ref that named
+    them. A `cus_` id match wins over an external id that happens to look the same."""
+    refs = list(refs)
+    rows = await conn.fetch(
+        """
+        SELECT c.customer_id, c.external_id, t.frozen_time
+          FROM customers c
+          LEFT JOIN test_clocks t ON t.test_clock_id = c.test_clock_id
+         WHERE c.tenant_id = $1 AND c.environment = $2
+           AND (c.customer_id = ANY($3::text[]) OR c.external_id = ANY($3::text[]))
+        """,
+        tenant_id, environment, refs,
+    )
+    by_external: dict[str, KnownCustomer] = {}
+    by_id: dict[str, KnownCustomer] = {}
+    for r in rows:
+        known = KnownCustomer(r["customer_id"], r["external_id"], r["frozen_time"])
+        by_id[known.customer_id] = known
+        if known.external_id is not None:
+            by_external[known.external_id] = known
+    return {ref: by_id.get(ref) or by_external[ref] for ref in refs
+            if ref in by_id or ref in by_external}
+
+
+# ---------------------------------------------------------------- projections
+
+
+async def upsert_customer(conn: asyncpg.Connection, tenant_id: str, environment: str,
+                          customer_id: str, external_id: str | None,
+                          test_clock_id: str | None) -> None:
+    await conn.execute(
+        "INSERT INTO customers (tenant_id, environment, customer_id, external_id, test_clock_id)"
+        " VALUES ($1, $2, $3, $4, $5)"
+        " ON CONFLICT (tenant_id, environment, customer_id) DO UPDATE"
+        " SET external_id = EXCLUDED.external_id, test_clock_id = EXCLUDED.test_clock_id",
+        tenant_id, environment, customer_id, external_id, test_clock_id,
+    )
+
+
+async def upsert_meter(conn: asyncpg.Connection, tenant_id: str, environment: str,
+                       code: str, meter_id: str) -> None:
+    await conn.execute(
+        "INSERT INTO meters (tenant_id, environment, code, meter_id) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (tenant_id, environment, code) DO UPDATE SET meter_id = EXCLUDED.meter_id",
+        tenant_id, environment, code, meter_id,
+    )
+
+
+async def set_clock_time(conn: asyncpg.Connection, tenant_id: str, environment: str,
+                         test_clock_id: str, frozen_time: datetime) -> None:
+    """Create or move a test clock; a clock only moves forward."""
+    await conn.execute(
+        "INSERT INTO test_clocks (test_clock_id, tenant_id, environment, frozen_time)"
+        " VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (test_clock_id) DO UPDATE"
+        " SET frozen_time = GREATEST(test_clocks.frozen_time, EXCLUDED.frozen_time)",
+        test_clock_id, tenant_id, environment, frozen_time,
+    )

@@ -1,0 +1,118 @@
+"""Ingestion under test: its real `build()` against PostgreSQL and the broker, a tenant of its
+own, and the subscription events it projects published straight onto the topic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+
+from billstream_contracts.events import (
+    ApiKeyCreated,
+    CustomerCreated,
+    MeterCreated,
+    TestClockAdvanced,
+    TestClockCreated,
+)
+from billstream_contracts.topics import SUBSCRIPTION_EVENTS
+from billstream_ingestion.bootstrap import build
+from billstream_ingestion.settings import IngestionSettings
+from billstream_messaging import ServiceHost
+from billstream_runtime.auth import hash_key
+from billstream_runtime.ids import new_id
+from billstream_runtime.settings import load_settings
+from billstream_testing.events import envelope, publish
+from billstream_testing.fixtures import unique
+from billstream_testing.waiting import eventually
+
+
+@dataclass
+class Ingestion:
+    host: ServiceHost
+    bootstrap: str
+    tenant_id: str
+    key: str
+
+    def client(self, key: str | None = None) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.host.app, raise_app_exceptions=False),
+            base_url="http://ingestion", headers={"Authorization": f"Bearer {key or self.key}"},
+            timeout=60,
+        )
+
+    async def publish(self, *datas, environment: str = "test") -> None:
+        await publish(self.bootstrap, SUBSCRIPTION_EVENTS, *[
+            envelope(d, tenant_id=self.tenant_id, environment=environment) for d in datas])
+
+    async def add_key(self, kind: str = "secret", environment: str = "test") -> str:
+        prefix = {"secret": "sk", "publishable": "pk"}[kind]
+        key = f"{prefix}_{environment}_{unique('k').replace('-', '')}"
+        key_id = new_id("key")
+        await self.publish(ApiKeyCreated(
+            key_id=key_id, environment=environment, kind=kind, key_hash=hash_key(key),
+            key_prefix=key[:12], created_at=datetime.now(UTC)), environment=environment)
+        await self.wait_for_row("SELECT 1 FROM api_keys WHERE key_id = $1", key_id)
+        return key
+
+    async def create_meter(self, code: str, environment: str = "test") -> None:
+        await self.publish(MeterCreated(meter_id=new_id("mtr"), code=code, aggregation="sum",
+                                        created_at=datetime.now(UTC)), environment=environment)
+        await self.wait_for_row(
+            "SELECT 1 FROM meters WHERE tenant_id = $1 AND code = $2", self.tenant_id, code)
+
+    async def create_customer(self, external_id: str | None,
+                              test_clock_id: str | None = None) -> str:
+        customer_id = new_id("cus")
+        await self.publish(CustomerCreated(customer_id=customer_id, external_id=external_id,
+                                           test_clock_id=test_clock_id,
+                                           created_at=datetime.now(UTC)))
+        await self.wait_for_row("SELECT 1 FROM customers WHERE customer_id = $1", customer_id)
+        return customer_id
+
+    async def create_clock(self, frozen_time: datetime) -> str:
+        clock_id = new_id("clock")
+        await self.publish(TestClockCreated(test_clock_id=clock_id, frozen_time=frozen_time))
+        await self.wait_for_row("SELECT 1 FROM test_clocks WHERE test_clock_id = $1", clock_id)
+        return clock_id
+
+    async def advance_clock(self, clock_id: str, previous: datetime, to: datetime) -> None:
+        await self.publish(TestClockAdvanced(test_clock_id=clock_id, previous_time=previous,
+                                             frozen_time=to))
+        await self.wait_for_row(
+            "SELECT 1 FROM test_clocks WHERE test_clock_id = $1 AND frozen_time = $2",
+            clock_id, to)
+
+    async def wait_for_row(self, sql: str, *args) -> None:
+        await eventually(lambda: self.host.pool.fetchval(sql, *args), message=sql)
+
+    async def accepted_events(self) -> list[dict]:
+        rows = await self.host.pool.fetch(
+            "SELECT * FROM event_log WHERE tenant_id = $1 ORDER BY seq", self.tenant_id)
+        return [dict(r) for r in rows]
+
+
+def ingestion_settings(dsn: str, bootstrap: str, **extra: str) -> IngestionSettings:
+    env = {
+        "BILLSTREAM_INGESTION_DATABASE_URL": dsn,
+        "BILLSTREAM_KAFKA_BOOTSTRAP": bootstrap,
+        "BILLSTREAM_INGESTION_CONSUMER_GROUP_PREFIX": unique("g"),
+        "BILLSTREAM_INGESTION_RELAY_HEARTBEAT_INTERVAL_S": "0.2",
+        "BILLSTREAM_INGESTION_PROJECTION_WAIT_S": "0.3",
+        "BILLSTREAM_INGESTION_DB_POOL_MAX": "20",
+    }
+    env.update({f"BILLSTREAM_INGESTION_{k.upper()}": v for k, v in extra.items()})
+    return load_settings("ingestion", IngestionSettings, environ=env)
+
+
+@pytest.fixture
+async def ingestion(fresh_database, kafka_bootstrap):
+    host = build(ingestion_settings(fresh_database, kafka_bootstrap))
+    await host.start(serve_http=False)
+    try:
+        svc = Ingestion(host, kafka_bootstrap, unique("ten"), "")
+        svc.key = await svc.add_key()
+        yield svc
+    finally:
+        await host.stop()

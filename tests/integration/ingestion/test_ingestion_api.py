@@ -1,0 +1,241 @@
+"""POST /v1/usage/events against real PostgreSQL and broker: per-event outcomes, dedup across
+requests and under concurrency, test-clock time, the usage.accepted topic."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from billstream_contracts.topics import USAGE_ACCEPTED
+from billstream_ingestion.bootstrap import build
+from billstream_testing.fixtures import unique
+from billstream_testing.waiting import eventually
+
+from ingestion_harness import Ingestion, ingestion, ingestion_settings  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+
+def ev(key, customer="acme-1", meter="api_calls", **extra):
+    return {"idempotency_key": key, "customer": customer, "meter": meter, **extra}
+
+
+def outcomes(body):
+    return [(r["index"], r["status"], r.get("code")) for r in body["results"]]
+
+
+async def test_batch_gives_exact_per_event_outcomes(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    cus = await ingestion.create_customer("acme-1")
+    batch = {"events": [
+        ev("k0", quantity="10", timestamp="2026-01-10T00:00:00Z", properties={"region": "eu"}),
+        ev("k1", quantity="abc"),                                   # malformed
+        ev("k0", quantity=10, timestamp="2026-01-10T00:00:00Z", properties={"region": "eu"}),
+        ev("k0", quantity="11", timestamp="2026-01-10T00:00:00Z"),  # same key, other payload
+        ev("k4", meter="no_such_meter"),                            # unknown meter
+        ev("k5", customer="ghost-7", quantity=2.5),                 # unknown customer: kept
+        ev("k6", customer=cus, quantity="1.50"),                    # by cus_ id
+        ev("k7", properties={"blob": "x" * 9000}),                  # properties too large
+        {"customer": "acme-1", "meter": "api_calls"},               # no key
+        "not an object",
+    ]}
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events", content=orjson.dumps(batch).replace(
+            b'"quantity":2.5', b'"quantity":2.50'), headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "usage_ingest_result"
+    assert (body["accepted"], body["duplicates"], body["rejected"]) == (3, 1, 6)
+    assert outcomes(body) == [
+        (0, "accepted", None),
+        (1, "rejected", "invalid_event"),
+        (2, "duplicate", None),
+        (3, "rejected", "idempotency_key_conflict"),
+        (4, "rejected", "unknown_meter"),
+        (5, "accepted", None),
+        (6, "accepted", None),
+        (7, "rejected", "properties_too_large"),
+        (8, "rejected", "invalid_event"),
+        (9, "rejected", "invalid_event"),
+    ]
+    res = body["results"]
+    assert res[1]["param"] == "quantity" and "quantity" in res[1]["message"]
+    assert res[8]["param"] == "idempotency_key" and res[8]["idempotency_key"] is None
+    assert res[0]["usage_id"].startswith("use_") and res[2]["usage_id"] == res[0]["usage_id"]
+    assert "usage_id" not in res[3]
+
+    events = await ingestion.accepted_events()
+    assert [e["type"] for e in events] == ["usage.accepted"] * 3
+    assert {e["topic"] for e in events} == {USAGE_ACCEPTED}
+    by_key = {e["data"]["idempotency_key"]: e for e in events}
+    k0, k5, k6 = by_key["k0"], by_key["k5"], by_key["k6"]
+    assert k0["data"] == {
+        "usage_id": res[0]["usage_id"], "idempotency_key": "k0", "customer": "acme-1",
+        "customer_id": cus, "meter": "api_calls", "quantity": "10",
+        "timestamp": "2026-01-10T00:00:00Z", "properties": {"region": "eu"},
+    }
+    assert (k0["aggregate_type"], k0["aggregate_id"]) == ("customer", cus)
+    assert k0["occurred_at"] == datetime(2026, 1, 10, tzinfo=UTC)
+    assert k5["data"]["customer_id"] is None and k5["aggregate_id"] == "ghost-7"
+    assert k5["data"]["quantity"] == "2.5"
+    assert k6["data"]["customer"] == cus and k6["data"]["customer_id"] == cus
+    assert k6["data"]["quantity"] == "1.5"
+
+    # Resending the same batch accepts nothing new.
+    async with ingestion.client() as c:
+        again = (await c.post("/v1/usage/events", json=batch)).json()
+    assert (again["accepted"], again["duplicates"], again["rejected"]) == (0, 4, 6)
+    assert [s for _, s, _ in outcomes(again)] == [
+        "duplicate", "rejected", "duplicate", "rejected", "rejected", "duplicate", "duplicate",
+        "rejected", "rejected", "rejected"]
+    assert again["results"][5]["usage_id"] == res[5]["usage_id"]
+    assert len(await ingestion.accepted_events()) == 3
+    assert await ingestion.host.pool.fetchval("SELECT count(*) FROM usage_keys") == 3
+
+
+async def test_concurrent_identical_batches_accept_each_key_once(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    batch = {"events": [ev(f"c-{i}", quantity=i + 1) for i in range(300)]}
+    async with ingestion.client() as c:
+        responses = await asyncio.gather(
+            *[c.post("/v1/usage/events", json=batch) for _ in range(6)])
+    bodies = [r.json() for r in responses]
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert sum(b["accepted"] for b in bodies) == 300
+    assert all(b["accepted"] + b["duplicates"] == 300 and b["rejected"] == 0 for b in bodies)
+    accepted = {}
+    for b in bodies:
+        for r in b["results"]:
+            if r["status"] == "accepted":
+                assert r["idempotency_key"] not in accepted
+                accepted[r["idempotency_key"]] = r["usage_id"]
+    for b in bodies:  # duplicates point at the one accepted event
+        for r in b["results"]:
+            assert r["usage_id"] == accepted[r["idempotency_key"]]
+    events = await ingestion.accepted_events()
+    assert len(events) == 300
+    assert sorted(e["data"]["idempotency_key"] for e in events) == sorted(accepted)
+
+
+async def test_default_timestamp_is_the_test_clock_time(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    frozen = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
+    clock = await ingestion.create_clock(frozen)
+    await ingestion.create_customer("clocked", test_clock_id=clock)
+    await ingestion.create_customer("walled")
+    async with ingestion.client() as c:
+        before = datetime.now(UTC)
+        r = await c.post("/v1/usage/events", json={"events": [
+            ev("t1", customer="clocked"), ev("t2", customer="walled"),
+            ev("t3", customer="clocked", timestamp="2026-01-01T00:00:00Z")]})
+        assert r.json()["accepted"] == 3
+        later = frozen + timedelta(days=20)
+        await ingestion.advance_clock(clock, frozen, later)
+        r = await c.post("/v1/usage/events", json=ev("t4", customer="clocked"))
+        assert r.json()["accepted"] == 1
+    ts = {e["data"]["idempotency_key"]: e["data"]["timestamp"]
+          for e in await ingestion.accepted_events()}
+    assert ts["t1"] == "2026-01-15T12:00:00Z"
+    assert ts["t3"] == "2026-01-01T00:00:00Z"
+    assert ts["t4"] == "2026-02-04T12:00:00Z"
+    wall = datetime.fromisoformat(ts["t2"])
+    assert before <= wall <= datetime.now(UTC)
+
+
+async def test_accepted_events_are_published(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events",
+                         json={"events": [ev(f"p{i}", quantity="2") for i in range(100)]})
+    assert r.json()["accepted"] == 100
+    records = await _read_topic(ingestion.bootstrap, USAGE_ACCEPTED, 100,
+                                lambda env: env["tenant_id"] == ingestion.tenant_id)
+    assert {r["type"] for r in records} == {"usage.accepted"}
+    assert {r["source"] for r in records} == {"ingestion"}
+    assert sorted(r["data"]["idempotency_key"] for r in records) == sorted(
+        f"p{i}" for i in range(100))
+
+
+async def test_a_meter_created_a_moment_ago_is_waited_for(fresh_database, kafka_bootstrap):
+    host = build(ingestion_settings(fresh_database, kafka_bootstrap, projection_wait_s="10"))
+    await host.start(serve_http=False)
+    try:
+        svc = Ingestion(host, kafka_bootstrap, unique("ten"), "")
+        svc.key = await svc.add_key()
+        async with svc.client() as c:
+            posting = asyncio.create_task(c.post("/v1/usage/events", json=ev("w1", meter="new")))
+            await asyncio.sleep(0)  # the request starts before the meter exists here
+            await svc.create_meter("new")
+            r = await posting
+        assert r.json()["accepted"] == 1, r.text
+    finally:
+        await host.stop()
+
+
+async def test_single_events_limits_and_auth(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events", json=ev("s1", quantity="3"))
+        assert r.status_code == 200 and r.json()["accepted"] == 1
+        assert r.json()["results"][0]["idempotency_key"] == "s1"
+        r = await c.post("/v1/usage/events", json={"events": [ev(f"b{i}") for i in range(1001)]})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "batch_too_large"
+        r = await c.post("/v1/usage/events", content=b"x" * (5 * 1024 * 1024 + 1))
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+        r = await c.post("/v1/usage/events", content=b"{nope")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        r = await c.post("/v1/usage/events", json={"events": []})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "events"
+        r = await c.post("/v1/usage/events", json=[ev("x")])
+        assert r.status_code == 400
+        r = await c.post("/v1/usage/events", json=ev("s2"), headers={"Authorization": ""})
+        assert r.status_code == 401
+    publishable = await ingestion.add_key("publishable")
+    async with ingestion.client(publishable) as c:
+        r = await c.post("/v1/usage/events", json=ev("s3"))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "secret_key_required"
+    assert len(await ingestion.accepted_events()) == 1
+
+
+async def test_environments_and_the_idempotency_header(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")  # test mode only
+    live = await ingestion.add_key(environment="live")
+    async with ingestion.client(live) as c:
+        r = await c.post("/v1/usage/events", json=ev("e1"))
+        assert r.json()["results"][0]["code"] == "unknown_meter"
+    await ingestion.create_meter("api_calls", environment="live")
+    async with ingestion.client(live) as c:
+        assert (await c.post("/v1/usage/events", json=ev("e1"))).json()["accepted"] == 1
+    async with ingestion.client() as c:  # the same key in test mode is another key
+        h = {"Idempotency-Key": unique("req")}
+        first = await c.post("/v1/usage/events", json=ev("e1"), headers=h)
+        again = await c.post("/v1/usage/events", json=ev("e1"), headers=h)
+        assert first.json()["accepted"] == 1
+        assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
+    envs = sorted(e["environment"] for e in await ingestion.accepted_events())
+    assert envs == ["live", "test"]
+
+
+async def _read_topic(bootstrap, topic, n, match):
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=unique("reader"),
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    found = []
+    try:
+        async def more():
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for rec in records:
+                    env = orjson.loads(rec.value)
+                    if match(env):
+                        found.append(env)
+            return len(found) >= n
+
+        await eventually(more, timeout=30, interval=0, message=f"{n} records on {topic}")
+    finally:
+        await consumer.stop()
+    return found
