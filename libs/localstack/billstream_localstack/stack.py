@@ -198,7 +198,7 @@ class LocalStack:
             raise RuntimeError("the broker is external; only the embedded one can be restarted")
         with self._services_paused():
             self.broker.restart()
-            run_sync(lambda: ensure_topics(self.kafka_bootstrap))
+            run_sync(lambda: ensure_topics(self.kafka_bootstrap, strict=True))
 
     def exited(self) -> dict[str, int]:
         """The processes that have exited since they were started, with their exit codes."""
@@ -262,7 +262,7 @@ class LocalStack:
         run_sync(self._create_topics_and_databases)
 
     async def _create_topics_and_databases(self) -> None:
-        await ensure_topics(self.kafka_bootstrap)
+        await ensure_topics(self.kafka_bootstrap, strict=True)
         for service in SERVICES:
             await create_database(self.server_database_url, database_name(service))
 

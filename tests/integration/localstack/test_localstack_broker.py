@@ -92,7 +92,7 @@ async def test_a_topic_auto_created_by_a_producer_is_reported(broker: TansuBroke
     finally:
         await producer.stop()
     with pytest.raises(TopicMismatchError, match=r"localstack\.test\.early has \d+ partitions"):
-        await ensure_topics(broker.bootstrap, [TopicSpec("localstack.test.early", 1)])
+        await ensure_topics(broker.bootstrap, [TopicSpec("localstack.test.early", 1)], strict=True)
 
 
 def test_kill_and_start_again(broker: TansuBroker) -> None:
