@@ -28,7 +28,7 @@ def _decimal_input(value: Any) -> Decimal:
     try:
         return parse_decimal(value.strip() if isinstance(value, str) else value)
     except MoneyError as exc:
-        raise ValueError(str(exc)) from exc
+        raise ValueError(f'must be a decimal string such as "49.00" ({exc})') from exc
 
 
 DecimalInput = Annotated[
