@@ -193,7 +193,7 @@ def _text(raw: Mapping[str, Any], name: str, max_length: int) -> str:
 
 def parse_quantity(value: Any) -> Decimal:
     """A finite, non-negative decimal from a decimal string or a JSON integer/decimal."""
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, bool | float):
         raise EventError("invalid_event",
                          "quantity must be a decimal string or a JSON number", "quantity")
     if isinstance(value, str):
@@ -270,7 +270,7 @@ def json_safe(value: Any, path: str) -> Any:
         return {k: json_safe(v, f"{path}.{k}") for k, v in value.items()}
     if isinstance(value, list):
         return [json_safe(v, path) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    if value is None or isinstance(value, bool | str):
         return value
     if isinstance(value, int):
         return value if _INT64[0] <= value <= _INT64[1] else str(value)

@@ -14,8 +14,7 @@ from billstream_contracts.topics import USAGE_ACCEPTED
 from billstream_ingestion.bootstrap import build
 from billstream_testing.fixtures import unique
 from billstream_testing.waiting import eventually
-
-from ingestion_harness import Ingestion, ingestion, ingestion_settings  # noqa: F401
+from ingestion_harness import Ingestion, ingestion_settings
 
 pytestmark = pytest.mark.integration
 
