@@ -1,0 +1,134 @@
+"""Metering rules: what one usage event contributes to its meter, how a meter aggregates, and
+what a period summary says. Pure: no I/O.
+
+- A meter aggregates `value`: the event's quantity, or, when the meter has a `field`, that
+  property of the event as a decimal (an event without a usable number there contributes no
+  value: it is skipped by sum and max, and still counted by count and in `event_count`).
+- sum → sum of values; count → number of events; max → largest value. No usage is 0.
+- A period summary reports, per usage charge of the plan, its meter's aggregate over every
+  usage event swept for the period (see `service.summarize_period` for the sweep).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from billstream_contracts.events import Charge, MeterUsage
+
+Aggregation = Literal["sum", "count", "max"]
+DEFAULT_AGGREGATION: Aggregation = "sum"
+
+_DECIMAL_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,4})?$")
+_RFC3339_RE = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    code: str
+    aggregation: Aggregation
+    field: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """What SQL aggregated over a set of usage rows."""
+
+    total: Decimal | None  # sum(value): None when no row had a value
+    count: int
+    maximum: Decimal | None
+
+
+NO_USAGE = Totals(None, 0, None)
+
+
+def field_value(raw: Any) -> Decimal | None:
+    """A property value as a decimal: integers, decimal strings (ingestion forwards non-integer
+    numbers as exact decimal strings) and finite floats; anything else is no value."""
+    if isinstance(raw, bool) or raw is None:
+        return None
+    if isinstance(raw, int):
+        return Decimal(raw)
+    if isinstance(raw, float):
+        value = Decimal(repr(raw))
+        return value if value.is_finite() else None
+    if isinstance(raw, str) and _DECIMAL_RE.match(raw.strip()):
+        return Decimal(raw.strip())
+    return None
+
+
+def usage_value(quantity: Decimal, properties: Mapping[str, Any] | None,
+                meter: Meter | None) -> Decimal | None:
+    """The value one event adds to its meter. While the meter is unknown here (its
+    `meter.created` has not arrived yet) the quantity stands in; it is recomputed when the
+    meter arrives."""
+    if meter is None or meter.field is None:
+        return quantity
+    return field_value((properties or {}).get(meter.field))
+
+
+def aggregate(aggregation: Aggregation, totals: Totals) -> Decimal:
+    if aggregation == "count":
+        return Decimal(totals.count)
+    if aggregation == "max":
+        return totals.maximum if totals.maximum is not None else Decimal(0)
+    return totals.total if totals.total is not None else Decimal(0)
+
+
+def charge_usage(charges: Iterable[Charge], totals: Mapping[str, Totals],
+                 meters: Mapping[str, Meter]) -> list[MeterUsage]:
+    """One MeterUsage per usage charge, in plan order (a meter billed by two charges is
+    reported for both)."""
+    usage = []
+    for charge in charges:
+        if charge.type != "usage" or not charge.meter:
+            continue
+        meter = meters.get(charge.meter)
+        t = totals.get(charge.meter, NO_USAGE)
+        value = aggregate(meter.aggregation if meter else DEFAULT_AGGREGATION, t)
+        usage.append(MeterUsage(charge_id=charge.charge_id, meter=charge.meter,
+                                quantity=format_decimal(value), usage_count=t.count))
+    return usage
+
+
+def usage_meters(charges: Iterable[Charge]) -> list[str]:
+    return sorted({c.meter for c in charges if c.type == "usage" and c.meter})
+
+
+# ---------------------------------------------------------------- formats
+
+
+def format_decimal(value: Decimal) -> str:
+    """Normalized plain decimal string: no exponent, no trailing zeros ("1500", "3.5"), exact
+    whatever the number of digits (Decimal.normalize would round to the context's 28)."""
+    sign, digit_tuple, exp = value.as_tuple()
+    digits = "".join(map(str, digit_tuple)).lstrip("0")
+    if not digits or not isinstance(exp, int):
+        return "0"
+    stripped = digits.rstrip("0")
+    exp += len(digits) - len(stripped)
+    if exp >= 0:
+        text = stripped + "0" * exp
+    else:
+        point = len(stripped) + exp
+        text = (stripped[:point] + "." + stripped[point:] if point > 0
+                else "0." + "0" * -point + stripped)
+    return ("-" if sign else "") + text
+
+
+def parse_timestamp(value: str) -> datetime:
+    """An RFC 3339 timestamp (with an offset) as an aware UTC datetime; ValueError if not."""
+    if not _RFC3339_RE.match(value):
+        raise ValueError("expected an RFC 3339 timestamp such as 2026-01-01T00:00:00Z")
+    text = value[:-1] + "+00:00" if value[-1] in "Zz" else value
+    return datetime.fromisoformat(text.replace("t", "T")).astimezone(UTC)
+
+
+def format_timestamp(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")

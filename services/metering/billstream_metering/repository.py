@@ -1,0 +1,225 @@
+"""All of metering's SQL: usage rows, period summaries and the catalog read models."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from billstream_metering.domain import Meter, Totals
+
+Conn = asyncpg.Connection | asyncpg.Pool
+
+_REF_MATCH = "(customer_ref = ANY($3::text[]) OR customer_id = ANY($3::text[]))"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    usage_id: str
+    tenant_id: str
+    environment: str
+    customer_ref: str
+    customer_id: str | None
+    meter: str
+    quantity: Decimal
+    value: Decimal | None
+    ts: datetime
+    properties: dict[str, Any] | None  # only while the meter is unknown
+
+
+@dataclass(frozen=True, slots=True)
+class Customer:
+    customer_id: str
+    external_id: str | None
+
+    @property
+    def refs(self) -> list[str]:
+        return [r for r in (self.customer_id, self.external_id) if r]
+
+
+# ---------------------------------------------------------------- meters
+
+
+async def get_meter(conn: Conn, tenant_id: str, environment: str, code: str) -> Meter | None:
+    row = await conn.fetchrow(
+        "SELECT code, aggregation, field FROM meters"
+        " WHERE tenant_id = $1 AND environment = $2 AND code = $3",
+        tenant_id, environment, code,
+    )
+    return Meter(row["code"], row["aggregation"], row["field"]) if row else None
+
+
+async def get_meters(conn: Conn, tenant_id: str, environment: str,
+                     codes: Sequence[str]) -> dict[str, Meter]:
+    rows = await conn.fetch(
+        "SELECT code, aggregation, field FROM meters"
+        " WHERE tenant_id = $1 AND environment = $2 AND code = ANY($3::text[])",
+        tenant_id, environment, list(codes),
+    )
+    return {r["code"]: Meter(r["code"], r["aggregation"], r["field"]) for r in rows}
+
+
+async def lock_meter(conn: asyncpg.Connection, tenant_id: str, environment: str,
+                     code: str) -> None:
+    """Serialize "usage for a meter not known yet" with that meter's arrival (transaction
+    lock), so a usage row is either seen by the meter's backfill or sees the meter itself."""
+    key = zlib.crc32(f"{tenant_id}\0{environment}\0{code}".encode())
+    await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", 7_311_102, key - 2**31)
+
+
+async def insert_meter(conn: asyncpg.Connection, tenant_id: str, environment: str,
+                       meter_id: str, meter: Meter) -> None:
+    await conn.execute(
+        "INSERT INTO meters (tenant_id, environment, code, meter_id, aggregation, field)"
+        " VALUES ($1, $2, $3, $4, $5, $6)"
+        " ON CONFLICT (tenant_id, environment, code) DO UPDATE"
+        " SET meter_id = EXCLUDED.meter_id, aggregation = EXCLUDED.aggregation,"
+        "     field = EXCLUDED.field",
+        tenant_id, environment, meter.code, meter_id, meter.aggregation, meter.field,
+    )
+
+
+async def pending_usage(conn: asyncpg.Connection, tenant_id: str, environment: str,
+                        code: str) -> list[tuple[str, Decimal, dict[str, Any]]]:
+    """(usage_id, quantity, properties) of the rows recorded before their meter was known."""
+    rows = await conn.fetch(
+        "SELECT usage_id, quantity, properties FROM usage_records"
+        " WHERE tenant_id = $1 AND environment = $2 AND meter = $3 AND properties IS NOT NULL",
+        tenant_id, environment, code,
+    )
+    return [(r["usage_id"], r["quantity"], r["properties"]) for r in rows]
+
+
+async def set_values(conn: asyncpg.Connection, values: Sequence[tuple[str, Decimal | None]]
+                     ) -> None:
+    """Set the values of rows recorded before their meter was known; drop their properties."""
+    await conn.execute(
+        """
+        UPDATE usage_records u SET value = v.value, properties = NULL
+          FROM unnest($1::text[], $2::numeric[]) AS v(usage_id, value)
+         WHERE u.usage_id = v.usage_id
+        """,
+        [v[0] for v in values], [v[1] for v in values],
+    )
+
+
+# ---------------------------------------------------------------- customers
+
+
+async def upsert_customer(conn: asyncpg.Connection, tenant_id: str, environment: str,
+                          customer: Customer) -> None:
+    await conn.execute(
+        "INSERT INTO customers (tenant_id, environment, customer_id, external_id)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, environment, customer_id)"
+        " DO UPDATE SET external_id = EXCLUDED.external_id",
+        tenant_id, environment, customer.customer_id, customer.external_id,
+    )
+
+
+async def attribute_usage(conn: asyncpg.Connection, tenant_id: str, environment: str,
+                          customer: Customer) -> None:
+    """Usage recorded before the customer was known gets its cus_ id."""
+    await conn.execute(
+        "UPDATE usage_records SET customer_id = $4"
+        " WHERE tenant_id = $1 AND environment = $2 AND customer_ref = ANY($3::text[])"
+        " AND customer_id IS NULL",
+        tenant_id, environment, customer.refs, customer.customer_id,
+    )
+
+
+async def find_customer(conn: Conn, tenant_id: str, environment: str,
+                        ref: str) -> Customer | None:
+    """The customer a ref names: its cus_ id first, else its external id."""
+    row = await conn.fetchrow(
+        "SELECT customer_id, external_id FROM customers"
+        " WHERE tenant_id = $1 AND environment = $2 AND (customer_id = $3 OR external_id = $3)"
+        " ORDER BY (customer_id = $3) DESC LIMIT 1",
+        tenant_id, environment, ref,
+    )
+    return Customer(row["customer_id"], row["external_id"]) if row else None
+
+
+# ---------------------------------------------------------------- usage
+
+
+async def insert_usage(conn: asyncpg.Connection, row: UsageRow) -> bool:
+    """Insert one usage row (a redelivered event is a no-op). A row whose event was already
+    summarized before a rebuild keeps its summary."""
+    done = await conn.fetchval(
+        """
+        INSERT INTO usage_records (usage_id, tenant_id, environment, customer_ref, customer_id,
+                                   meter, quantity, value, ts, properties, summary_id)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                (SELECT summary_id FROM usage_summary_items WHERE usage_id = $1))
+        ON CONFLICT (usage_id) DO NOTHING
+        RETURNING true
+        """,
+        row.usage_id, row.tenant_id, row.environment, row.customer_ref, row.customer_id,
+        row.meter, row.quantity, row.value, row.ts, row.properties,
+    )
+    return bool(done)
+
+
+async def usage_totals(conn: Conn, tenant_id: str, environment: str, refs: Sequence[str],
+                       meter: str, start: datetime | None, end: datetime | None
+                       ) -> tuple[Totals, str | None]:
+    """Totals of a customer's usage of a meter in [start, end), and the cus_ id the rows carry
+    (when the customer is known to ingestion but not yet here)."""
+    row = await conn.fetchrow(
+        f"""
+        SELECT sum(value) AS total, count(*) AS n, max(value) AS maximum,
+               max(customer_id) AS customer_id
+          FROM usage_records
+         WHERE tenant_id = $1 AND environment = $2 AND {_REF_MATCH} AND meter = $4
+           AND ($5::timestamptz IS NULL OR ts >= $5) AND ($6::timestamptz IS NULL OR ts < $6)
+        """,
+        tenant_id, environment, list(refs), meter, start, end,
+    )
+    return Totals(row["total"], row["n"], row["maximum"]), row["customer_id"]
+
+
+# ---------------------------------------------------------------- period summaries
+
+
+async def claim_summary(conn: asyncpg.Connection, summary_id: str, tenant_id: str,
+                        environment: str, subscription_id: str, customer_id: str,
+                        period_start: datetime, period_end: datetime) -> bool:
+    """Record the summary of a period; False when that period was summarized already."""
+    return bool(await conn.fetchval(
+        "INSERT INTO period_summaries (summary_id, tenant_id, environment, subscription_id,"
+        " customer_id, period_start, period_end) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        " ON CONFLICT (tenant_id, environment, subscription_id, period_end) DO NOTHING"
+        " RETURNING true",
+        summary_id, tenant_id, environment, subscription_id, customer_id, period_start,
+        period_end,
+    ))
+
+
+async def sweep(conn: asyncpg.Connection, summary_id: str, tenant_id: str, environment: str,
+                refs: Sequence[str], meters: Sequence[str], start: datetime,
+                end: datetime) -> dict[str, Totals]:
+    """Mark every not-yet-summarized usage row of the customer's `meters` with ts in
+    [start, end) as billed by `summary_id`, and return its totals per meter."""
+    rows = await conn.fetch(
+        f"""
+        WITH swept AS (
+            UPDATE usage_records SET summary_id = $7
+             WHERE tenant_id = $1 AND environment = $2 AND {_REF_MATCH}
+               AND meter = ANY($4::text[]) AND ts >= $5 AND ts < $6 AND summary_id IS NULL
+            RETURNING usage_id, meter, value
+        ), items AS (
+            INSERT INTO usage_summary_items (usage_id, summary_id)
+            SELECT usage_id, $7 FROM swept
+            ON CONFLICT (usage_id) DO NOTHING
+        )
+        SELECT meter, sum(value) AS total, count(*) AS n, max(value) AS maximum
+          FROM swept GROUP BY meter
+        """,
+        tenant_id, environment, list(refs), list(meters), start, end, summary_id,
+    )
+    return {r["meter"]: Totals(r["total"], r["n"], r["maximum"]) for r in rows}

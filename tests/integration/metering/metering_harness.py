@@ -1,0 +1,160 @@
+"""Metering under test: its real `build()` against PostgreSQL and the broker, a tenant of its
+own, and the events it consumes published straight onto their topics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+
+from billstream_contracts.events import (
+    ApiKeyCreated,
+    Charge,
+    CustomerCreated,
+    MeterCreated,
+    PlanSnapshot,
+    SubscriptionPeriodEnded,
+    SubscriptionSnapshot,
+    UsageAccepted,
+)
+from billstream_contracts.topics import SUBSCRIPTION_EVENTS, USAGE_ACCEPTED
+from billstream_messaging import ServiceHost
+from billstream_metering.bootstrap import build
+from billstream_metering.settings import MeteringSettings
+from billstream_runtime.auth import hash_key
+from billstream_runtime.ids import new_id
+from billstream_runtime.settings import load_settings
+from billstream_testing.events import envelope, publish
+from billstream_testing.fixtures import unique
+from billstream_testing.waiting import eventually
+
+
+def usage(customer: str, meter: str, quantity: str, ts: datetime, *,
+          customer_id: str | None = None, properties: dict | None = None,
+          usage_id: str | None = None) -> UsageAccepted:
+    return UsageAccepted(
+        usage_id=usage_id or new_id("use"), idempotency_key=unique("k"), customer=customer,
+        customer_id=customer_id, meter=meter, quantity=quantity, timestamp=ts,
+        properties=properties or {})
+
+
+def plan(*meters: str) -> PlanSnapshot:
+    charges = [Charge(charge_id="ch_base", type="fixed", timing="in_advance", amount="10.00")]
+    charges += [Charge(charge_id=f"ch_{m}", type="usage", timing="in_arrears", meter=m,
+                       model="per_unit", unit_price="0.01") for m in meters]
+    return PlanSnapshot(plan_id=new_id("plan"), code=unique("plan"), name="Plan",
+                        currency="USD", interval="month", charges=charges)
+
+
+def period_ended(customer_id: str, external_id: str | None, plan: PlanSnapshot,
+                 start: datetime, end: datetime, *, subscription_id: str,
+                 started_at: datetime | None = None) -> SubscriptionPeriodEnded:
+    sub = SubscriptionSnapshot(
+        subscription_id=subscription_id, customer_id=customer_id,
+        customer_external_id=external_id, plan=plan, status="active",
+        started_at=started_at or start, current_period_start=start, current_period_end=end)
+    return SubscriptionPeriodEnded(subscription=sub, period_start=start, period_end=end,
+                                   renews=True, next_period_start=end,
+                                   next_period_end=end + (end - start))
+
+
+@dataclass
+class Metering:
+    host: ServiceHost
+    bootstrap: str
+    tenant_id: str
+    key: str
+
+    def client(self, key: str | None = None) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.host.app, raise_app_exceptions=False),
+            base_url="http://metering", headers={"Authorization": f"Bearer {key or self.key}"},
+            timeout=60,
+        )
+
+    async def get_usage(self, **params) -> httpx.Response:
+        if "from_" in params:
+            params["from"] = params.pop("from_")
+        async with self.client() as c:
+            return await c.get("/v1/usage", params=params)
+
+    async def publish_catalog(self, *datas, aggregate_id: str | None = None) -> None:
+        await publish(self.bootstrap, SUBSCRIPTION_EVENTS, *[
+            envelope(d, tenant_id=self.tenant_id, aggregate_id=aggregate_id) for d in datas])
+
+    async def publish_usage(self, *datas: UsageAccepted) -> None:
+        await publish(self.bootstrap, USAGE_ACCEPTED, *[
+            envelope(d, tenant_id=self.tenant_id, source="ingestion", aggregate_type="customer",
+                     aggregate_id=d.customer_id or d.customer, occurred_at=d.timestamp)
+            for d in datas])
+
+    async def add_key(self, kind: str = "secret") -> str:
+        prefix = {"secret": "sk", "publishable": "pk"}[kind]
+        key = f"{prefix}_test_{unique('k').replace('-', '')}"
+        key_id = new_id("key")
+        await self.publish_catalog(ApiKeyCreated(
+            key_id=key_id, environment="test", kind=kind, key_hash=hash_key(key),
+            key_prefix=key[:12], created_at=datetime.now(UTC)))
+        await self.wait_for("SELECT 1 FROM api_keys WHERE key_id = $1", key_id)
+        return key
+
+    async def create_meter(self, code: str, aggregation: str = "sum",
+                           field: str | None = None, wait: bool = True) -> None:
+        await self.publish_catalog(MeterCreated(
+            meter_id=new_id("mtr"), code=code, aggregation=aggregation, field=field,
+            created_at=datetime.now(UTC)))
+        if wait:
+            await self.wait_for("SELECT 1 FROM meters WHERE tenant_id = $1 AND code = $2",
+                                self.tenant_id, code)
+
+    async def create_customer(self, external_id: str | None) -> str:
+        customer_id = new_id("cus")
+        await self.publish_catalog(CustomerCreated(customer_id=customer_id,
+                                                   external_id=external_id,
+                                                   created_at=datetime.now(UTC)))
+        await self.wait_for("SELECT 1 FROM customers WHERE customer_id = $1", customer_id)
+        return customer_id
+
+    async def wait_for(self, sql: str, *args) -> None:
+        await eventually(lambda: self.host.pool.fetchval(sql, *args), message=sql)
+
+    async def wait_for_usage_rows(self, n: int) -> None:
+        async def probe():
+            return await self.host.pool.fetchval(
+                "SELECT count(*) FROM usage_records WHERE tenant_id = $1", self.tenant_id) == n
+        await eventually(probe, message=f"{n} usage rows")
+
+    async def summaries(self, n: int) -> list[dict]:
+        async def probe():
+            rows = await self.host.pool.fetch(
+                "SELECT * FROM event_log WHERE tenant_id = $1 AND type = $2 ORDER BY seq",
+                self.tenant_id, "usage.period_summarized")
+            return [dict(r) for r in rows] if len(rows) >= n else None
+        return await eventually(probe, message=f"{n} usage.period_summarized")
+
+
+def metering_settings(dsn: str, bootstrap: str, group_prefix: str | None = None,
+                      **extra: str) -> MeteringSettings:
+    env = {
+        "BILLSTREAM_METERING_DATABASE_URL": dsn,
+        "BILLSTREAM_KAFKA_BOOTSTRAP": bootstrap,
+        "BILLSTREAM_METERING_CONSUMER_GROUP_PREFIX": group_prefix or unique("g"),
+        "BILLSTREAM_METERING_RELAY_HEARTBEAT_INTERVAL_S": "0.2",
+        "BILLSTREAM_METERING_PROJECTION_WAIT_S": "0.3",
+    }
+    env.update({f"BILLSTREAM_METERING_{k.upper()}": v for k, v in extra.items()})
+    return load_settings("metering", MeteringSettings, environ=env)
+
+
+@pytest.fixture
+async def metering(fresh_database, kafka_bootstrap):
+    host = build(metering_settings(fresh_database, kafka_bootstrap))
+    await host.start(serve_http=False)
+    try:
+        svc = Metering(host, kafka_bootstrap, unique("ten"), "")
+        svc.key = await svc.add_key()
+        yield svc
+    finally:
+        await host.stop()

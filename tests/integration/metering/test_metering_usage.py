@@ -1,0 +1,228 @@
+"""Metering against real PostgreSQL and broker: usage rows from usage.accepted (each event
+once), GET /v1/usage, period summaries that sweep late usage, rebuild by replay."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from billstream_contracts.topics import USAGE_ACCEPTED
+from billstream_metering.bootstrap import build
+from billstream_runtime.ids import new_id
+from billstream_testing.events import envelope, publish
+from billstream_testing.fixtures import unique
+from metering_harness import (
+    Metering,
+    metering_settings,
+    period_ended,
+    plan,
+    usage,
+)
+
+pytestmark = pytest.mark.integration
+
+JAN = datetime(2026, 1, 1, tzinfo=UTC)
+FEB = datetime(2026, 2, 1, tzinfo=UTC)
+MAR = datetime(2026, 3, 1, tzinfo=UTC)
+APR = datetime(2026, 4, 1, tzinfo=UTC)
+
+
+async def test_usage_query_counts_each_event_once(metering: Metering):
+    await metering.create_meter("api_calls")
+    await metering.create_meter("peak", aggregation="max")
+    await metering.create_meter("hits", aggregation="count")
+    cus = await metering.create_customer("acme-1")
+    events = [usage("acme-1", "api_calls", "1", JAN + timedelta(minutes=i), customer_id=cus)
+              for i in range(1400)]
+    events += [usage(cus, "api_calls", "50", JAN + timedelta(days=3), customer_id=cus)
+               for _ in range(2)]  # sent by cus_ id
+    events += [usage("acme-1", "api_calls", "0.25", JAN + timedelta(days=9)) for _ in range(98)]
+    events += [
+        usage("acme-1", "api_calls", "7", FEB, customer_id=cus),             # `to` is exclusive
+        usage("acme-1", "api_calls", "7", JAN - timedelta(seconds=1)),       # before `from`
+        usage("other", "api_calls", "7", JAN + timedelta(days=1)),           # another customer
+        usage("acme-1", "peak", "3.5", JAN + timedelta(days=1)),
+        usage("acme-1", "peak", "2", JAN + timedelta(days=2)),
+        usage("acme-1", "hits", "9", JAN + timedelta(days=2)),
+        usage("acme-1", "hits", "9", JAN + timedelta(days=3)),
+    ]
+    envs = [envelope(e, tenant_id=metering.tenant_id, source="ingestion",
+                     aggregate_type="customer", aggregate_id=e.customer) for e in events]
+    # Duplicates: the same envelopes redelivered, and the same usage in a new envelope.
+    again = [envelope(e, tenant_id=metering.tenant_id, source="ingestion",
+                      aggregate_type="customer", aggregate_id=e.customer) for e in events[:50]]
+    await publish(metering.bootstrap, USAGE_ACCEPTED, *envs, *envs[:100], *again)
+    await metering.wait_for_usage_rows(len(events))
+
+    window = {"from_": "2026-01-01T00:00:00Z", "to": "2026-02-01T00:00:00Z"}
+    r = await metering.get_usage(customer="acme-1", meter="api_calls", **window)
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "object": "usage", "customer": "acme-1", "customer_id": cus, "meter": "api_calls",
+        "aggregation": "sum", "from": "2026-01-01T00:00:00Z", "to": "2026-02-01T00:00:00Z",
+        "value": "1524.5", "event_count": 1500,
+    }
+    by_id = (await metering.get_usage(customer=cus, meter="api_calls", **window)).json()
+    assert (by_id["value"], by_id["event_count"], by_id["customer"]) == ("1524.5", 1500, cus)
+    everything = (await metering.get_usage(customer="acme-1", meter="api_calls")).json()
+    assert (everything["value"], everything["from"], everything["to"]) == ("1538.5", None, None)
+    peak = (await metering.get_usage(customer="acme-1", meter="peak", **window)).json()
+    assert (peak["aggregation"], peak["value"], peak["event_count"]) == ("max", "3.5", 2)
+    hits = (await metering.get_usage(customer="acme-1", meter="hits", **window)).json()
+    assert (hits["aggregation"], hits["value"], hits["event_count"]) == ("count", "2", 2)
+    ghost = (await metering.get_usage(customer="ghost", meter="api_calls")).json()
+    assert (ghost["customer_id"], ghost["value"], ghost["event_count"]) == (None, "0", 0)
+
+    r = await metering.get_usage(customer="acme-1", meter="nope")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "meter"
+    r = await metering.get_usage(customer="acme-1", meter="api_calls", from_="January")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "from"
+    r = await metering.get_usage(customer="acme-1", meter="api_calls", from_=window["to"],
+                                 to=window["from_"])
+    assert r.status_code == 400
+    r = await metering.get_usage(meter="api_calls")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "parameter_missing"
+    publishable = await metering.add_key("publishable")
+    async with metering.client(publishable) as c:
+        r = await c.get("/v1/usage", params={"customer": "acme-1", "meter": "hits"})
+        assert r.status_code == 200 and r.json()["value"] == "2"
+
+
+async def test_customer_and_meter_arriving_after_their_usage(metering: Metering):
+    await metering.publish_usage(
+        usage("late-co", "tokens", "1", JAN, properties={"tokens": 120}),
+        usage("late-co", "tokens", "1", JAN, properties={"tokens": "0.5"}),
+        usage("late-co", "tokens", "1", JAN, properties={}),
+    )
+    await metering.wait_for_usage_rows(3)
+    await metering.create_meter("tokens", field="tokens")
+    cus = await metering.create_customer("late-co")
+    r = (await metering.get_usage(customer=cus, meter="tokens")).json()
+    assert (r["customer_id"], r["value"], r["event_count"]) == (cus, "120.5", 3)
+    rows = await metering.host.pool.fetch(
+        "SELECT customer_id, properties FROM usage_records WHERE tenant_id = $1",
+        metering.tenant_id)
+    assert {(row["customer_id"], row["properties"]) for row in rows} == {(cus, None)}
+    # Known meter from the start: the field is read as the usage arrives.
+    await metering.publish_usage(usage("late-co", "tokens", "1", FEB,
+                                       properties={"tokens": "2.25"}))
+    await metering.wait_for_usage_rows(4)
+    r = (await metering.get_usage(customer="late-co", meter="tokens")).json()
+    assert (r["value"], r["event_count"]) == ("122.75", 4)
+
+
+async def test_period_summaries_sweep_late_usage_once(metering: Metering):
+    await metering.create_meter("api_calls")
+    await metering.create_meter("seats", aggregation="max")
+    cus = await metering.create_customer("acme-2")
+    pro = plan("api_calls", "seats", "unused_meter")
+    sub = new_id("sub")
+    await metering.publish_usage(
+        usage("acme-2", "api_calls", "100", JAN + timedelta(days=1), customer_id=cus),
+        usage(cus, "api_calls", "0.5", JAN + timedelta(days=2), customer_id=cus),
+        usage("acme-2", "api_calls", "1000", JAN - timedelta(days=1)),  # before started_at
+        usage("acme-2", "seats", "4", JAN + timedelta(days=3)),
+        usage("acme-2", "seats", "6", JAN + timedelta(days=4)),
+        usage("acme-2", "storage", "9", JAN + timedelta(days=4)),  # not in the plan
+        usage("acme-2", "api_calls", "5", FEB + timedelta(days=1)),  # next period
+        usage("someone-else", "api_calls", "77", JAN + timedelta(days=1)),
+    )
+    await metering.wait_for_usage_rows(8)
+    first = period_ended(cus, "acme-2", pro, JAN, FEB, subscription_id=sub)
+    await metering.publish_catalog(first, aggregate_id=sub)
+    [s1] = await metering.summaries(1)
+    assert (s1["aggregate_type"], s1["aggregate_id"], s1["topic"]) == (
+        "subscription", sub, "billstream.metering.events")
+    assert s1["occurred_at"] == FEB
+    data = s1["data"]
+    assert data["subscription"]["subscription_id"] == sub
+    assert (data["period_start"], data["period_end"], data["renews"]) == (
+        "2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z", True)
+    assert (data["next_period_start"], data["next_period_end"]) == (
+        "2026-02-01T00:00:00Z", "2026-03-04T00:00:00Z")
+    assert data["usage"] == [
+        {"charge_id": "ch_api_calls", "meter": "api_calls", "quantity": "100.5",
+         "usage_count": 2},
+        {"charge_id": "ch_seats", "meter": "seats", "quantity": "6", "usage_count": 2},
+        {"charge_id": "ch_unused_meter", "meter": "unused_meter", "quantity": "0",
+         "usage_count": 0},
+    ]
+
+    # Late usage of January arrives after January was summarized; February has usage too.
+    await metering.publish_usage(
+        usage("acme-2", "api_calls", "20", JAN + timedelta(days=20), customer_id=cus),
+        usage("acme-2", "seats", "2", FEB + timedelta(days=2)),
+        usage("acme-2", "api_calls", "3", MAR + timedelta(days=1)),  # after the 2nd period
+    )
+    await metering.wait_for_usage_rows(11)
+    # A replay of January's period end is answered by nothing.
+    # (Same subscription, same partition: applied in order.)
+    await metering.publish_catalog(first, aggregate_id=sub)
+    second = period_ended(cus, "acme-2", pro, FEB, MAR, subscription_id=sub, started_at=JAN)
+    await metering.publish_catalog(second, aggregate_id=sub)
+    s1_again, s2 = await metering.summaries(2)
+    assert s1_again["id"] == s1["id"]
+    assert s2["data"]["period_start"] == "2026-02-01T00:00:00Z"
+    assert s2["data"]["usage"] == [
+        {"charge_id": "ch_api_calls", "meter": "api_calls", "quantity": "25", "usage_count": 2},
+        {"charge_id": "ch_seats", "meter": "seats", "quantity": "2", "usage_count": 1},
+        {"charge_id": "ch_unused_meter", "meter": "unused_meter", "quantity": "0",
+         "usage_count": 0},
+    ]
+    assert s2["causation_id"] is not None and s2["causation_id"] != s1["causation_id"]
+    # Each swept row is billed by exactly one summary.
+    counts = await metering.host.pool.fetch(
+        "SELECT summary_id, count(*) AS n FROM usage_records WHERE tenant_id = $1"
+        " GROUP BY summary_id ORDER BY n", metering.tenant_id)
+    assert sorted(r["n"] for r in counts) == [3, 4, 4]  # 2 summaries; unswept: 4
+
+    # A plan without usage charges, and a period without usage, still get their summary.
+    bare = period_ended(cus, "acme-2", plan(), MAR, APR, subscription_id=new_id("sub"))
+    await metering.publish_catalog(bare)
+    all_summaries = await metering.summaries(3)
+    assert len(all_summaries) == 3  # the replayed January end emitted nothing
+    s3 = all_summaries[-1]
+    assert s3["data"]["usage"] == []
+    assert s3["data"]["subscription"]["subscription_id"] == bare.subscription.subscription_id
+
+
+async def test_rebuilding_usage_never_bills_twice(fresh_database, kafka_bootstrap):
+    group = unique("g")
+    host = build(metering_settings(fresh_database, kafka_bootstrap, group))
+    await host.start(serve_http=False)
+    svc = Metering(host, kafka_bootstrap, unique("ten"), "")
+    try:
+        svc.key = await svc.add_key()
+        await svc.create_meter("api_calls")
+        cus = await svc.create_customer("acme-3")
+        pro = plan("api_calls")
+        sub = new_id("sub")
+        await svc.publish_usage(*[usage("acme-3", "api_calls", "10", JAN + timedelta(hours=i))
+                                  for i in range(5)])
+        await svc.wait_for_usage_rows(5)
+        await svc.publish_catalog(period_ended(cus, "acme-3", pro, JAN, FEB,
+                                               subscription_id=sub))
+        await svc.summaries(1)
+    finally:
+        await host.stop()
+
+    assert await build(metering_settings(fresh_database, kafka_bootstrap, group)).rebuild(
+        "usage") == 2
+    host = build(metering_settings(fresh_database, kafka_bootstrap, group))
+    await host.start(serve_http=False)
+    svc.host = host
+    try:
+        await svc.wait_for_usage_rows(5)  # replayed from the topic
+        assert await host.pool.fetchval(
+            "SELECT count(*) FROM usage_records WHERE tenant_id = $1 AND summary_id IS NULL",
+            svc.tenant_id) == 0
+        await svc.publish_usage(usage("acme-3", "api_calls", "1", FEB + timedelta(days=1)))
+        await svc.wait_for_usage_rows(6)
+        await svc.publish_catalog(period_ended(cus, "acme-3", pro, FEB, MAR,
+                                               subscription_id=sub, started_at=JAN))
+        _, s2 = await svc.summaries(2)
+        assert s2["data"]["usage"][0]["quantity"] == "1"
+        assert s2["data"]["usage"][0]["usage_count"] == 1
+    finally:
+        await host.stop()
