@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncpg
 from fastapi import APIRouter, Depends, Query, Request
 
+from billstream_messaging.store import EventStore
 from billstream_runtime.auth import AuthContext
 from billstream_runtime.http import Admin, ListParams, SecretKey, page
 from billstream_subscription import repository as repo
@@ -92,7 +94,7 @@ def subscription_out(s: Subscription) -> SubscriptionOut:
     )
 
 
-def _deps(request: Request):
+def _deps(request: Request) -> tuple[asyncpg.Pool, EventStore]:
     return request.app.state.pool, request.app.state.store
 
 

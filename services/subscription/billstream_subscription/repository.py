@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 
@@ -21,7 +21,7 @@ from billstream_subscription.domain import (
     TestClock,
 )
 
-Conn = asyncpg.Connection | asyncpg.Pool
+Conn: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
 
 
 def _page(sql: str, args: list[Any], limit: int, starting_after: str | None,

@@ -34,7 +34,10 @@ def _decimal_input(value: Any) -> Decimal:
 DecimalInput = Annotated[
     Decimal,
     BeforeValidator(_decimal_input),
-    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?$", "examples": ["49.00"]}),
+    WithJsonSchema({"anyOf": [{"type": "string", "pattern": r"^\d+(\.\d+)?$"},
+                              {"type": "integer", "minimum": 0}],
+                    "description": "A decimal string (or an integer); never a float",
+                    "examples": ["49.00"]}),
 ]
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(lambda v: v.astimezone(UTC))]
 Text = Annotated[str, Field(min_length=1, max_length=500)]

@@ -55,7 +55,6 @@ from billstream_subscription.schemas import (
 )
 
 log = structlog.get_logger("billstream.subscription")
-Pool = asyncpg.Pool
 ENVIRONMENTS: tuple[domain.Environment, ...] = ("test", "live")
 KINDS: tuple[domain.KeyKind, ...] = ("secret", "publishable")
 
@@ -146,7 +145,7 @@ def _key_created(k: ApiKey) -> NewEvent:
     )
 
 
-async def create_tenant(pool: Pool, store: EventStore,
+async def create_tenant(pool: asyncpg.Pool, store: EventStore,
                         name: str) -> tuple[Tenant, dict[str, dict[str, str]]]:
     """A tenant and its four first keys; returns the keys in clear (they are shown once)."""
     with rules():
@@ -171,14 +170,14 @@ async def create_tenant(pool: Pool, store: EventStore,
     return tenant, clear
 
 
-async def get_tenant(pool: Pool, tenant_id: str) -> Tenant:
+async def get_tenant(pool: asyncpg.Pool, tenant_id: str) -> Tenant:
     tenant = await repo.get_tenant(pool, tenant_id)
     if tenant is None:
         raise NotFound("tenant", tenant_id)
     return tenant
 
 
-async def create_api_key(pool: Pool, store: EventStore, tenant_id: str,
+async def create_api_key(pool: asyncpg.Pool, store: EventStore, tenant_id: str,
                          environment: domain.Environment,
                          kind: domain.KeyKind) -> tuple[ApiKey, str]:
     async with pool.acquire() as conn, conn.transaction():
@@ -190,7 +189,7 @@ async def create_api_key(pool: Pool, store: EventStore, tenant_id: str,
     return record, key
 
 
-async def revoke_api_key(pool: Pool, store: EventStore, key_id: str) -> ApiKey:
+async def revoke_api_key(pool: asyncpg.Pool, store: EventStore, key_id: str) -> ApiKey:
     """Revoke a key (idempotent: revoking a revoked key changes nothing and emits nothing)."""
     async with pool.acquire() as conn, conn.transaction():
         key = await repo.get_api_key(conn, key_id, for_update=True)
@@ -212,7 +211,7 @@ async def revoke_api_key(pool: Pool, store: EventStore, key_id: str) -> ApiKey:
 # ---------------------------------------------------------------- test clocks
 
 
-async def create_test_clock(pool: Pool, store: EventStore, auth: AuthContext,
+async def create_test_clock(pool: asyncpg.Pool, store: EventStore, auth: AuthContext,
                             body: CreateTestClock) -> TestClock:
     with rules():
         domain.require_test_mode(auth.environment)
@@ -229,7 +228,7 @@ async def create_test_clock(pool: Pool, store: EventStore, auth: AuthContext,
     return clock
 
 
-async def get_test_clock(pool: Pool, auth: AuthContext, clock_id: str) -> TestClock:
+async def get_test_clock(pool: asyncpg.Pool, auth: AuthContext, clock_id: str) -> TestClock:
     with rules():
         domain.require_test_mode(auth.environment)
     clock = await repo.get_clock(pool, auth.tenant_id, auth.environment, clock_id)
@@ -238,14 +237,14 @@ async def get_test_clock(pool: Pool, auth: AuthContext, clock_id: str) -> TestCl
     return clock
 
 
-async def list_test_clocks(pool: Pool, auth: AuthContext, limit: int,
+async def list_test_clocks(pool: asyncpg.Pool, auth: AuthContext, limit: int,
                            starting_after: str | None) -> list[TestClock]:
     with rules():
         domain.require_test_mode(auth.environment)
     return await repo.list_clocks(pool, auth.tenant_id, auth.environment, limit, starting_after)
 
 
-async def advance_test_clock(pool: Pool, store: EventStore, auth: AuthContext, clock_id: str,
+async def advance_test_clock(pool: asyncpg.Pool, store: EventStore, auth: AuthContext, clock_id: str,
                              frozen_time: datetime) -> TestClock:
     """Move the clock and renew, in time order, every period of its customers'
     subscriptions the jump crosses, all in one transaction with the events: the clock row
@@ -280,7 +279,7 @@ async def advance_test_clock(pool: Pool, store: EventStore, auth: AuthContext, c
 # ---------------------------------------------------------------- customers
 
 
-async def create_customer(pool: Pool, store: EventStore, auth: AuthContext,
+async def create_customer(pool: asyncpg.Pool, store: EventStore, auth: AuthContext,
                           body: CreateCustomer) -> Customer:
     with rules():
         currency = domain.check_currency_param(body.currency) if body.currency else None
@@ -314,7 +313,7 @@ async def create_customer(pool: Pool, store: EventStore, auth: AuthContext,
     return customer
 
 
-async def get_customer(pool: Pool, auth: AuthContext, ident: str,
+async def get_customer(pool: asyncpg.Pool, auth: AuthContext, ident: str,
                        param: str | None = None) -> Customer:
     customer = await repo.get_customer(pool, auth.tenant_id, auth.environment, ident)
     if customer is None:
@@ -325,7 +324,7 @@ async def get_customer(pool: Pool, auth: AuthContext, ident: str,
 # ---------------------------------------------------------------- meters
 
 
-async def create_meter(pool: Pool, store: EventStore, auth: AuthContext,
+async def create_meter(pool: asyncpg.Pool, store: EventStore, auth: AuthContext,
                        body: CreateMeter) -> Meter:
     with rules():
         code = domain.check_code(body.code)
@@ -345,7 +344,7 @@ async def create_meter(pool: Pool, store: EventStore, auth: AuthContext,
     return meter
 
 
-async def get_meter(pool: Pool, auth: AuthContext, ident: str) -> Meter:
+async def get_meter(pool: asyncpg.Pool, auth: AuthContext, ident: str) -> Meter:
     meter = await repo.get_meter(pool, auth.tenant_id, auth.environment, ident)
     if meter is None:
         raise NotFound("meter", ident)
@@ -355,7 +354,7 @@ async def get_meter(pool: Pool, auth: AuthContext, ident: str) -> Meter:
 # ---------------------------------------------------------------- plans
 
 
-async def create_plan(pool: Pool, store: EventStore, auth: AuthContext,
+async def create_plan(pool: asyncpg.Pool, store: EventStore, auth: AuthContext,
                       body: CreatePlan) -> Plan:
     with rules():
         code = domain.check_code(body.code)
@@ -392,7 +391,7 @@ async def create_plan(pool: Pool, store: EventStore, auth: AuthContext,
     return plan
 
 
-async def get_plan(pool: Pool, auth: AuthContext, ident: str) -> Plan:
+async def get_plan(pool: asyncpg.Pool, auth: AuthContext, ident: str) -> Plan:
     plan = await repo.get_plan(pool, auth.tenant_id, auth.environment, ident)
     if plan is None:
         raise NotFound("plan", ident)
@@ -402,7 +401,7 @@ async def get_plan(pool: Pool, auth: AuthContext, ident: str) -> Plan:
 # ---------------------------------------------------------------- subscriptions
 
 
-async def create_subscription(pool: Pool, store: EventStore, auth: AuthContext,
+async def create_subscription(pool: asyncpg.Pool, store: EventStore, auth: AuthContext,
                               body: CreateSubscription) -> Subscription:
     """Start a subscription now: the customer's test clock time if it has one, else the
     wall clock."""
@@ -428,14 +427,14 @@ async def create_subscription(pool: Pool, store: EventStore, auth: AuthContext,
     return sub
 
 
-async def get_subscription(pool: Pool, auth: AuthContext, subscription_id: str) -> Subscription:
+async def get_subscription(pool: asyncpg.Pool, auth: AuthContext, subscription_id: str) -> Subscription:
     sub = await repo.get_subscription(pool, auth.tenant_id, auth.environment, subscription_id)
     if sub is None:
         raise NotFound("subscription", subscription_id)
     return sub
 
 
-async def list_subscriptions(pool: Pool, auth: AuthContext, limit: int,
+async def list_subscriptions(pool: asyncpg.Pool, auth: AuthContext, limit: int,
                              starting_after: str | None,
                              customer: str | None) -> list[Subscription]:
     customer_id = None
@@ -448,7 +447,7 @@ async def list_subscriptions(pool: Pool, auth: AuthContext, limit: int,
                                          starting_after, customer_id)
 
 
-async def renew_due(pool: Pool, store: EventStore, now: datetime, batch_size: int) -> int:
+async def renew_due(pool: asyncpg.Pool, store: EventStore, now: datetime, batch_size: int) -> int:
     """One small transaction of the wall-clock renewal task: lock up to `batch_size` due
     subscriptions without a test clock (skipping rows another replica holds), renew each
     period by period with the same domain code as a clock advance, append the events.

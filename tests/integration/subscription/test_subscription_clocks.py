@@ -8,8 +8,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from billstream_subscription import service
-from subscription_helpers import assert_error
+from billstream_runtime.auth import AuthContext
+from billstream_runtime.ids import new_id
+from billstream_subscription import repository, service
+from billstream_subscription.bootstrap import build
+from billstream_subscription.domain import Subscription
+from billstream_testing.waiting import eventually
+from subscription_helpers import ADMIN_TOKEN, assert_error, client_for, settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -222,3 +227,39 @@ async def test_wall_clock_renewal(host, api, live_api, tenant, log_of):
         assert z(now["current_period_start"]) <= later < z(now["current_period_end"])
     assert (await api.get(f"/v1/subscriptions/{on_clock['id']}")).json() == on_clock
     assert datetime.now(UTC) < later  # the real task (wall clock) had nothing to do
+
+
+async def test_the_renewal_task_renews_due_subscriptions(fresh_database, kafka_bootstrap):
+    """The background task, as wired by build(): a backdated wall-clock subscription catches
+    up on its own."""
+    h = build(settings_for(fresh_database, kafka_bootstrap, renewal_interval_s="0.1"))
+    await h.start(serve_http=False)
+    try:
+        async with client_for(h, ADMIN_TOKEN) as admin:
+            tenant = (await admin.post("/admin/v1/tenants", json={"name": "T"})).json()
+        async with client_for(h, tenant["keys"]["live"]["secret_key"]) as live:
+            assert (await live.post("/v1/plans", json=PLAN)).status_code == 201
+            assert (await live.post("/v1/customers", json={"external_id": "a"})).status_code == 201
+            auth = AuthContext(tenant["id"], "live", "secret", "key_x")
+            customer = await service.get_customer(h.pool, auth, "a")
+            plan = await service.get_plan(h.pool, auth, "pro")
+            backdated = Subscription.start(
+                subscription_id=new_id("sub"), customer=customer, plan=plan,
+                now=service.wall_clock() - timedelta(days=95))
+            async with h.pool.acquire() as conn, conn.transaction():
+                await repository.insert_subscription(conn, backdated)
+
+            async def caught_up():
+                sub = (await live.get(f"/v1/subscriptions/{backdated.id}")).json()
+                return z(sub["current_period_end"]) > datetime.now(UTC) and sub
+
+            sub = await eventually(caught_up, message="the task renewed the subscription")
+        assert z(sub["current_period_start"]) <= datetime.now(UTC)
+        assert sub["started_at"] == backdated.started_at.isoformat().replace("+00:00", "Z")
+        renewed = await h.pool.fetch(
+            "SELECT occurred_at FROM event_log WHERE type = 'subscription.renewed'"
+            " AND aggregate_id = $1 ORDER BY seq", backdated.id)
+        assert len(renewed) == 3
+        assert [r["occurred_at"] for r in renewed] == sorted(r["occurred_at"] for r in renewed)
+    finally:
+        await h.stop()
