@@ -148,13 +148,19 @@ async def find_customer(conn: Conn, tenant_id: str, environment: str,
 
 
 async def insert_usage(conn: asyncpg.Connection, row: UsageRow) -> bool:
-    """Insert one usage row (a redelivered event is a no-op). A row whose event was already
-    summarized before a rebuild keeps its summary."""
+    """Insert one usage row (a redelivered event is a no-op). The cus_ id is the one ingestion
+    resolved, else the one known here. A row whose event was already summarized before a
+    rebuild keeps its summary."""
     done = await conn.fetchval(
         """
         INSERT INTO usage_records (usage_id, tenant_id, environment, customer_ref, customer_id,
                                    meter, quantity, value, ts, properties, summary_id)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+        VALUES ($1, $2, $3, $4,
+                coalesce($5, (SELECT customer_id FROM customers
+                               WHERE tenant_id = $2 AND environment = $3
+                                 AND (customer_id = $4 OR external_id = $4)
+                               ORDER BY (customer_id = $4) DESC LIMIT 1)),
+                $6, $7, $8, $9, $10,
                 (SELECT summary_id FROM usage_summary_items WHERE usage_id = $1))
         ON CONFLICT (usage_id) DO NOTHING
         RETURNING true

@@ -110,6 +110,8 @@ async def test_customer_and_meter_arriving_after_their_usage(metering: Metering)
     await metering.wait_for_usage_rows(4)
     r = (await metering.get_usage(customer="late-co", meter="tokens")).json()
     assert (r["value"], r["event_count"]) == ("122.75", 4)
+    assert await metering.host.pool.fetchval(  # attributed here though ingestion sent no id
+        "SELECT count(*) FROM usage_records WHERE customer_id = $1", cus) == 4
 
 
 async def test_period_summaries_sweep_late_usage_once(metering: Metering):
