@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from billstream_runtime.auth import AuthContext, admin_token_matches, bearer_token
 from billstream_runtime.errors import ApiError, Forbidden, InvalidRequest, Unauthorized
 from billstream_runtime.ids import new_id
-from billstream_runtime.idempotency import IdempotencyMiddleware
+from billstream_runtime.idempotency import NO_REPLAY_HEADER, IdempotencyMiddleware
 from billstream_runtime.telemetry import context_from_carrier
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -156,6 +156,13 @@ class ListParams:
 def page(items: list[Any], limit: int) -> dict[str, Any]:
     """`{"object": "list", "data": [...], "has_more"}` from up to limit+1 fetched items."""
     return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
+
+
+def shown_once(response: Response) -> None:
+    """Mark a response that carries secrets shown only once: it is never stored for
+    Idempotency-Key replays (see billstream_runtime.idempotency)."""
+    response.headers[NO_REPLAY_HEADER] = "secret"
+    response.headers["Cache-Control"] = "no-store"
 
 
 ReadyCheck = Callable[[], Awaitable[bool] | bool]

@@ -23,6 +23,10 @@ from billstream_runtime.auth import Authenticator, bearer_token
 from billstream_runtime.errors import ApiError, InvalidRequest, Unprocessable, Conflict
 
 MAX_KEY_LENGTH = 255
+#: A response carrying secrets that are shown once (API keys) sets this header: the layer then
+#: keeps only the fact that the key was used, never the body, and a retry with the same key is
+#: answered 409 `idempotent_replay_unavailable` instead of showing the secrets again.
+NO_REPLAY_HEADER = "billstream-no-replay"
 _SKIP_HEADERS = {b"content-length", b"date", b"server", b"request-id"}
 
 
@@ -111,6 +115,12 @@ class IdempotencyMiddleware:
                     "idempotency_key_in_use",
                     "A request with this Idempotency-Key is still in progress; retry later",
                 )
+            if row["response_body"] is None:
+                raise Conflict(
+                    "idempotent_replay_unavailable",
+                    "The first request with this Idempotency-Key succeeded and its response "
+                    "held secrets that are shown only once; it cannot be replayed",
+                )
             stored = [(k.encode(), v.encode()) for k, v in row["response_headers"]]
             stored.append((b"idempotent-replayed", b"true"))
             return await _send(send, row["response_status"], stored, bytes(row["response_body"]))
@@ -138,11 +148,13 @@ class IdempotencyMiddleware:
             for k, v in captured["headers"]
             if k.lower() not in _SKIP_HEADERS
         ]
+        secret = any(k.lower() == NO_REPLAY_HEADER.encode() for k, _ in captured["headers"])
+        body_to_keep = None if secret else bytes(captured["body"])
         await pool.execute(
             "UPDATE idempotency_keys SET status='done', response_status=$4,"
             " response_headers=$5, response_body=$6"
             " WHERE tenant_id=$1 AND environment=$2 AND key=$3",
-            tenant, env, key, captured["status"], kept, bytes(captured["body"]),
+            tenant, env, key, captured["status"], [] if secret else kept, body_to_keep,
         )
 
     @staticmethod

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncpg
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from billstream_messaging.store import EventStore
 from billstream_runtime.auth import AuthContext
-from billstream_runtime.http import Admin, ListParams, SecretKey, page
+from billstream_runtime.http import Admin, ListParams, SecretKey, page, shown_once
 from billstream_subscription import repository as repo
 from billstream_subscription import service
 from billstream_subscription.domain import (
@@ -104,7 +104,8 @@ admin = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Admin])
 
 
 @admin.post("/tenants", status_code=201, response_model=TenantCreatedOut)
-async def create_tenant(body: CreateTenant, request: Request):
+async def create_tenant(body: CreateTenant, request: Request, response: Response):
+    shown_once(response)
     tenant, keys = await service.create_tenant(*_deps(request), body.name)
     return TenantCreatedOut(
         **tenant_out(tenant).model_dump(),
@@ -124,7 +125,9 @@ async def get_tenant(tenant_id: str, request: Request):
 
 
 @admin.post("/tenants/{tenant_id}/api_keys", status_code=201, response_model=ApiKeyCreatedOut)
-async def create_api_key(tenant_id: str, body: CreateApiKey, request: Request):
+async def create_api_key(tenant_id: str, body: CreateApiKey, request: Request,
+                         response: Response):
+    shown_once(response)
     record, key = await service.create_api_key(*_deps(request), tenant_id, body.environment,
                                                body.kind)
     return ApiKeyCreatedOut(**api_key_out(record).model_dump(), key=key)
