@@ -63,8 +63,11 @@ async def test_one_billing_flow_through_all_six_services(platform):
         paid = two_paid(paid)
         assert len(paid) == 2
         secret = objs["endpoint"]["secret"]
-        for request in receiver.requests:
-            receiver.verify_request(request, secret)  # raises on a bad signature
+        verified = receiver.verify(secret)  # standardwebhooks: raises on a bad signature
+        assert len(verified) == len(receiver.requests)
+        with pytest.raises(Exception):
+            receiver.verify("whsec_" + "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB")  # another secret fails
+        assert all(r.headers["webhook-id"] == orjson.loads(r.body)["id"] for r in paid)
         types = {orjson.loads(r.body)["type"] for r in receiver.requests}
         assert {"customer.created", "subscription.created", "invoice.finalized",
                 "payment.succeeded", "subscription.renewed"} <= types

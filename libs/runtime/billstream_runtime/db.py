@@ -18,14 +18,27 @@ import orjson
 _MIGRATION_LOCK = 7_311_001
 
 
+_JSONB_VERSION = b"\x01"
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    for typ in ("json", "jsonb"):
-        await conn.set_type_codec(
-            typ,
-            encoder=lambda v: orjson.dumps(v).decode(),
-            decoder=orjson.loads,
-            schema="pg_catalog",
-        )
+    """json/jsonb columns map to Python objects via orjson, in the binary wire format so that
+    they also work with COPY (`copy_records_to_table`), which is binary only. Binary jsonb is a
+    version byte (1) followed by the JSON text; binary json is the text itself."""
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda v: _JSONB_VERSION + orjson.dumps(v),
+        decoder=lambda b: orjson.loads(b[1:]),
+        schema="pg_catalog",
+        format="binary",
+    )
+    await conn.set_type_codec(
+        "json",
+        encoder=orjson.dumps,
+        decoder=orjson.loads,
+        schema="pg_catalog",
+        format="binary",
+    )
 
 
 async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:

@@ -23,6 +23,8 @@ from billstream_runtime.auth import Authenticator, bearer_token
 from billstream_runtime.errors import ApiError, InvalidRequest, Unprocessable, Conflict
 
 MAX_KEY_LENGTH = 255
+#: The layer reads the body to hash it; larger bodies are refused before they are buffered.
+MAX_BODY_BYTES = 10 * 1024 * 1024
 #: A response carrying secrets that are shown once (API keys) sets this header: the layer then
 #: keeps only the fact that the key was used, never the body, and a retry with the same key is
 #: answered 409 `idempotent_replay_unavailable` instead of showing the secrets again.
@@ -68,7 +70,12 @@ class IdempotencyMiddleware:
                 f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters",
                 param="Idempotency-Key",
             )
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise _too_large()
         body = await _read_body(receive)
+        if body is None:
+            raise _too_large()
         token = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
         if scope["path"].startswith("/admin"):
             if token != self._admin_token():
@@ -176,13 +183,21 @@ def hash_request(method: str, path: str, query: bytes, body: bytes) -> str:
     return digest.hexdigest()
 
 
-async def _read_body(receive) -> bytes:
+def _too_large() -> ApiError:
+    return ApiError("payload_too_large", f"The body is larger than {MAX_BODY_BYTES} bytes",
+                    status=413)
+
+
+async def _read_body(receive) -> bytes | None:
+    """The whole body, or None when it exceeds MAX_BODY_BYTES."""
     chunks = bytearray()
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             break
         chunks += message.get("body", b"")
+        if len(chunks) > MAX_BODY_BYTES:
+            return None
         if not message.get("more_body"):
             break
     return bytes(chunks)

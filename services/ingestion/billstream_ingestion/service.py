@@ -33,11 +33,6 @@ from billstream_runtime.http import wait_for
 from billstream_runtime.ids import new_id
 
 _RETRIES = 3
-# EventStore.append switches to COPY from 64 events, and that path fails today: the pool's
-# jsonb codec is text-only and COPY needs a binary one ("no binary format encoder for type
-# jsonb"). Until libs/messaging fixes it, append in chunks that stay on the executemany path
-# (still pipelined, and all chunks commit together in the one transaction).
-_APPEND_CHUNK = 63
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +88,7 @@ async def ingest(
                                     customers.get(ev.customer), now)
                     for ev in firsts if claimed[ev.idempotency_key][2]
                 ]
-                for start in range(0, len(accepted), _APPEND_CHUNK):
-                    await store.append(conn, accepted[start:start + _APPEND_CHUNK])
+                await store.append(conn, accepted)
             break
         except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
             if attempt == _RETRIES:

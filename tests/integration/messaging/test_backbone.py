@@ -120,6 +120,19 @@ async def test_append_relay_consume_exactly_once(host):
     assert dup >= 100
 
 
+async def test_large_appends_use_copy_and_keep_json_exact(host):
+    events = [NewEvent({"note_id": f"big{i}", "text": f"t{i}", "nested": {"a": [1, "x", None]}},
+                       type="note.created", tenant_id="ten_1", environment="test",
+                       aggregate_type="note", aggregate_id=f"big{i}",
+                       occurred_at=datetime.now(UTC)) for i in range(500)]
+    async with host.pool.acquire() as conn, conn.transaction():
+        envelopes = await host.store.append(conn, events)
+    assert [e.sequence for e in envelopes] == list(range(1, 501))
+    row = await host.pool.fetchrow("SELECT data, trace_context FROM event_log WHERE seq = 500")
+    assert row["data"] == {"note_id": "big499", "text": "t499", "nested": {"a": [1, "x", None]}}
+    await eventually(lambda: _eq(counted(host), 500), message="500 notes counted")
+
+
 async def test_unknown_types_are_counted_and_skipped_and_poison_goes_to_dlq(host):
     consumer = host.consumers[0]
     async with host.pool.acquire() as conn, conn.transaction():
