@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-unit test-integration test-e2e bench contracts-snapshot clean
+.PHONY: install run test test-unit test-integration test-e2e bench contracts-snapshot openapi clean
 
 install:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv>=0.5"
@@ -32,6 +32,9 @@ bench: install
 
 contracts-snapshot: install
 	$(UV) run python -m billstream_contracts.snapshot
+
+openapi: install
+	$(UV) run python -m billstream_localstack.openapi_export
 
 clean:
 	rm -rf .billstream .pytest_cache bench/results/*.json bench/results/SUMMARY.md

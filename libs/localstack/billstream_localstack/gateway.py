@@ -140,11 +140,12 @@ class _Gateway:
 def _error_response(request: Request, status: int, code: str, message: str) -> JSONResponse:
     """A response in the Billstream error shape, echoing the caller's `x-request-id`."""
     request_id = request.headers.get("x-request-id") or f"req_{secrets.token_hex(12)}"
-    error = {"type": "api_error", "code": code, "message": message, "param": None}
+    kind = "api_error" if status >= 500 else "invalid_request_error"
+    error = {"type": kind, "code": code, "message": message, "param": None}
     return JSONResponse(
         {"error": {**error, "request_id": request_id}},
         status_code=status,
-        headers={"x-request-id": request_id},
+        headers={"request-id": request_id},
     )
 
 

@@ -48,6 +48,9 @@ def merge_openapi(
         merged["components"] = components
     if tags:
         merged["tags"] = list(tags.values())
+    security = next((spec["security"] for spec in specs.values() if spec.get("security")), None)
+    if security:
+        merged["security"] = security
     return merged
 
 

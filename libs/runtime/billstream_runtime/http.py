@@ -19,6 +19,7 @@ import orjson
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
@@ -187,6 +188,24 @@ def create_app(
         redoc_url=None,
     )
     app.state.ready_checks = []
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearerKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A secret key (sk_test_… / sk_live_…: it fixes tenant and "
+                    "environment); a publishable key (pk_…) only reads entitlements and starts "
+                    "checkouts; the admin token for /admin paths.",
+                }
+            }
+            schema["security"] = [{"bearerKey": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):

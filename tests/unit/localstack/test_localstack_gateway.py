@@ -154,14 +154,14 @@ async def test_unrouted_path_is_404_in_the_error_shape(
     assert response.status_code == 404
     assert response.json() == {
         "error": {
-            "type": "api_error",
+            "type": "invalid_request_error",
             "code": "route_not_found",
             "message": "No API route matches GET /v2/nothing.",
             "param": None,
             "request_id": "req_mine",
         }
     }
-    assert response.headers["x-request-id"] == "req_mine"
+    assert response.headers["request-id"] == "req_mine"
     assert upstreams.seen == []
 
 
@@ -180,7 +180,7 @@ async def test_unavailable_upstream_is_502_in_the_error_shape(
     assert "invoicing" in error["message"]
     assert error["param"] is None
     assert error["request_id"].startswith("req_")
-    assert response.headers["x-request-id"] == error["request_id"]
+    assert response.headers["request-id"] == error["request_id"]
 
 
 async def test_service_without_upstream_is_502() -> None:
