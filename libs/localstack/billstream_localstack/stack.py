@@ -50,6 +50,14 @@ ServiceCommand = Callable[[str], Sequence[str]]
 GATEWAY = "gateway"
 
 
+#: Consumer settings for the embedded broker, which answers a JoinGroup after half the
+#: session timeout: 2 s lets a service's consumers join in about 1 s instead of 5.
+EMBEDDED_BROKER_ENV = {
+    "BILLSTREAM_CONSUMER_SESSION_TIMEOUT_MS": "2000",
+    "BILLSTREAM_CONSUMER_HEARTBEAT_INTERVAL_MS": "500",
+}
+
+
 def service_module_command(service: str) -> list[str]:
     """`python -m billstream_<service>` with this interpreter."""
     return [sys.executable, "-m", f"billstream_{service}"]
@@ -299,6 +307,7 @@ class LocalStack:
             "BILLSTREAM_ADMIN_TOKEN": self.admin_token,
             "BILLSTREAM_LOG_LEVEL": self._log_level,
             "BILLSTREAM_PUBLIC_BASE_URL": self.base_url,
+            **(EMBEDDED_BROKER_ENV if self.broker is not None else {}),
             **self._env_overrides,
         }
 

@@ -40,6 +40,11 @@ class ServiceSettings(BaseModel):
     consumer_max_attempts: int = 5
     consumer_retry_backoff_s: float = 0.2
     consumer_group_prefix: str = "billstream"
+    # Kafka group membership. Apache Kafka refuses session timeouts under its
+    # group.min.session.timeout.ms (6 s by default); the embedded broker answers a JoinGroup
+    # after half the session timeout, so the local stack uses 2 s to start in about 1 s.
+    consumer_session_timeout_ms: int = 10_000
+    consumer_heartbeat_interval_ms: int = 3_000
     # read-your-writes: how long an API call waits for a projection to catch up
     projection_wait_s: float = 5.0
 

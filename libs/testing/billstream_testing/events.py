@@ -4,13 +4,15 @@ service can be tested without the services it listens to."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from billstream_contracts import Envelope, EventData
 from billstream_runtime.ids import new_id
+from billstream_testing.waiting import eventually
 
 _seq = itertools.count(1)
 
@@ -53,3 +55,40 @@ async def publish(bootstrap: str, topic: str, *envelopes: Envelope) -> None:
             )
     finally:
         await producer.stop()
+
+
+async def read_topic(
+    bootstrap: str,
+    topic: str,
+    n: int,
+    match: Callable[[ConsumerRecord], bool] = lambda _record: True,
+    timeout: float = 30.0,
+) -> list[ConsumerRecord]:
+    """The first `n` records of `topic` (from its beginning, every partition) that `match`.
+    Reads by assignment, with no consumer group, so nothing waits on a group join."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    found: list[ConsumerRecord] = []
+    try:
+        partitions = await eventually(
+            lambda: _partitions(consumer, topic), timeout=timeout, message=f"topic {topic}"
+        )
+        consumer.assign([TopicPartition(topic, p) for p in partitions])
+        await consumer.seek_to_beginning()
+
+        async def enough() -> bool:
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                found.extend(r for r in records if match(r))
+            return len(found) >= n
+
+        await eventually(enough, timeout=timeout, interval=0,
+                         message=f"{n} matching records on {topic}")
+    finally:
+        await consumer.stop()
+    return found[:n]
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int] | None:
+    await consumer._client.force_metadata_update()  # noqa: SLF001 - fresh topic metadata
+    return consumer.partitions_for_topic(topic)

@@ -86,6 +86,26 @@ async def fresh_database(pg_server_dsn: str) -> str:
     return dsn_for_database(pg_server_dsn, name)
 
 
+def service_env(service: str, database_url: str, kafka_bootstrap: str, **extra: str) -> dict:
+    """The environment of a service under test: its own database, its own consumer groups,
+    fast retries and heartbeats, and quick group joins on the embedded broker. `extra` adds
+    `BILLSTREAM_<SERVICE>_<NAME>` settings (`projection_wait_s="0.3"`)."""
+    from billstream_localstack.stack import EMBEDDED_BROKER_ENV
+
+    prefix = f"BILLSTREAM_{service.upper()}_"
+    env = {
+        prefix + "DATABASE_URL": database_url,
+        "BILLSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        prefix + "CONSUMER_GROUP_PREFIX": unique("g"),
+        prefix + "RELAY_HEARTBEAT_INTERVAL_S": "0.2",
+        prefix + "CONSUMER_RETRY_BACKOFF_S": "0.01",
+    }
+    if not os.environ.get("BILLSTREAM_TEST_KAFKA_BOOTSTRAP") and not use_containers():
+        env.update(EMBEDDED_BROKER_ENV)
+    env.update({prefix + name.upper(): str(value) for name, value in extra.items()})
+    return env
+
+
 def unique(prefix: str) -> str:
     """A unique name (topic, group, tenant) so that tests never share state."""
     return f"{prefix}-{uuid.uuid4().hex[:10]}"

@@ -24,7 +24,7 @@ from billstream_runtime.auth import hash_key
 from billstream_runtime.ids import new_id
 from billstream_runtime.settings import load_settings
 from billstream_testing.events import envelope, publish
-from billstream_testing.fixtures import unique
+from billstream_testing.fixtures import service_env, unique
 from billstream_testing.waiting import eventually
 
 
@@ -94,15 +94,8 @@ class Ingestion:
 
 
 def ingestion_settings(dsn: str, bootstrap: str, **extra: str) -> IngestionSettings:
-    env = {
-        "BILLSTREAM_INGESTION_DATABASE_URL": dsn,
-        "BILLSTREAM_KAFKA_BOOTSTRAP": bootstrap,
-        "BILLSTREAM_INGESTION_CONSUMER_GROUP_PREFIX": unique("g"),
-        "BILLSTREAM_INGESTION_RELAY_HEARTBEAT_INTERVAL_S": "0.2",
-        "BILLSTREAM_INGESTION_PROJECTION_WAIT_S": "0.3",
-        "BILLSTREAM_INGESTION_DB_POOL_MAX": "20",
-    }
-    env.update({f"BILLSTREAM_INGESTION_{k.upper()}": v for k, v in extra.items()})
+    env = service_env("ingestion", dsn, bootstrap,
+                      **{"projection_wait_s": "0.3", "db_pool_max": "20", **extra})
     return load_settings("ingestion", IngestionSettings, environ=env)
 
 

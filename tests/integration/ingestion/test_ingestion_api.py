@@ -8,12 +8,11 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from billstream_contracts.topics import USAGE_ACCEPTED
 from billstream_ingestion.bootstrap import build
+from billstream_testing.events import read_topic
 from billstream_testing.fixtures import unique
-from billstream_testing.waiting import eventually
 from ingestion_harness import Ingestion, ingestion_settings
 
 pytestmark = pytest.mark.integration
@@ -151,8 +150,9 @@ async def test_accepted_events_are_published(ingestion: Ingestion):
         r = await c.post("/v1/usage/events",
                          json={"events": [ev(f"p{i}", quantity="2") for i in range(100)]})
     assert r.json()["accepted"] == 100
-    records = await _read_topic(ingestion.bootstrap, USAGE_ACCEPTED, 100,
-                                lambda env: env["tenant_id"] == ingestion.tenant_id)
+    records = [orjson.loads(r.value) for r in await read_topic(
+        ingestion.bootstrap, USAGE_ACCEPTED, 100,
+        lambda r: orjson.loads(r.value)["tenant_id"] == ingestion.tenant_id)]
     assert {r["type"] for r in records} == {"usage.accepted"}
     assert {r["source"] for r in records} == {"ingestion"}
     assert sorted(r["data"]["idempotency_key"] for r in records) == sorted(
@@ -217,24 +217,3 @@ async def test_environments_and_the_idempotency_header(ingestion: Ingestion):
         assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
     envs = sorted(e["environment"] for e in await ingestion.accepted_events())
     assert envs == ["live", "test"]
-
-
-async def _read_topic(bootstrap, topic, n, match):
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=unique("reader"),
-                                auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    found = []
-    try:
-        async def more():
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                for rec in records:
-                    env = orjson.loads(rec.value)
-                    if match(env):
-                        found.append(env)
-            return len(found) >= n
-
-        await eventually(more, timeout=30, interval=0, message=f"{n} records on {topic}")
-    finally:
-        await consumer.stop()
-    return found

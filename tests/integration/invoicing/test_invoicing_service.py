@@ -26,7 +26,7 @@ from billstream_runtime.auth import hash_key
 from billstream_runtime.ids import new_id
 from billstream_runtime.settings import load_settings
 from billstream_testing.events import envelope, publish
-from billstream_testing.fixtures import unique
+from billstream_testing.fixtures import service_env, unique
 from billstream_testing.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -39,13 +39,8 @@ T2 = datetime(2031, 3, 1, tzinfo=UTC)
 
 @pytest.fixture
 async def host(fresh_database, kafka_bootstrap):
-    settings = load_settings("invoicing", InvoicingSettings, environ={
-        "BILLSTREAM_INVOICING_DATABASE_URL": fresh_database,
-        "BILLSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "BILLSTREAM_INVOICING_CONSUMER_GROUP_PREFIX": unique("g"),
-        "BILLSTREAM_INVOICING_RELAY_HEARTBEAT_INTERVAL_S": "0.2",
-        "BILLSTREAM_INVOICING_CONSUMER_RETRY_BACKOFF_S": "0.01",
-    })
+    settings = load_settings("invoicing", InvoicingSettings,
+                             environ=service_env("invoicing", fresh_database, kafka_bootstrap))
     h = build(settings)
     await h.start(serve_http=False)
     try:

@@ -3,14 +3,12 @@ append, relay, exactly-once consumption, dead letters, idempotent POSTs, tracing
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 from fastapi import APIRouter, Request
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -23,7 +21,8 @@ from billstream_runtime.idempotency import hash_request
 from billstream_runtime.ids import new_id
 from billstream_runtime.settings import load_settings
 from billstream_runtime.telemetry import configure_tracing
-from billstream_testing.fixtures import unique
+from billstream_testing.events import read_topic
+from billstream_testing.fixtures import service_env, unique
 from billstream_testing.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -64,13 +63,8 @@ async def count_note(ctx: EventContext) -> None:
 
 
 def build_host(dsn: str, bootstrap: str, topic: str, group_prefix: str) -> ServiceHost:
-    settings = load_settings("notes", environ={
-        "BILLSTREAM_NOTES_DATABASE_URL": dsn, "BILLSTREAM_KAFKA_BOOTSTRAP": bootstrap,
-        "BILLSTREAM_NOTES_CONSUMER_GROUP_PREFIX": group_prefix,
-        "BILLSTREAM_NOTES_CONSUMER_MAX_ATTEMPTS": "2",
-        "BILLSTREAM_NOTES_CONSUMER_RETRY_BACKOFF_S": "0.01",
-        "BILLSTREAM_NOTES_RELAY_HEARTBEAT_INTERVAL_S": "0.2",
-    })
+    settings = load_settings("notes", environ=service_env(
+        "notes", dsn, bootstrap, consumer_group_prefix=group_prefix, consumer_max_attempts=2))
     store = EventStore("notes", topic=topic)
     consumer = EventConsumer(name="counter", topics=[topic], handlers={"note.created": count_note},
                              settings=settings, metrics=None, store=store)  # type: ignore[arg-type]
@@ -112,7 +106,7 @@ async def test_append_relay_consume_exactly_once(host):
     assert seqs == list(range(1, 51)), "the log's sequence is gapless"
     # Redeliver everything the broker holds: a counted no-op.
     consumer = host.consumers[0]
-    records = await _read_topic(host.settings.kafka_bootstrap, consumer.topics[0], 50)
+    records = await read_topic(host.settings.kafka_bootstrap, consumer.topics[0], 50)
     await consumer.apply(records)
     await consumer.apply(records)
     assert await counted(host) == 50
@@ -155,7 +149,7 @@ async def test_unknown_types_are_counted_and_skipped_and_poison_goes_to_dlq(host
     assert status == "dead_lettered"
     unknown = host.metrics.events_consumed.labels(consumer.name, "unknown_type")._value.get()
     assert unknown == 1
-    dlq = await _read_topic(host.settings.kafka_bootstrap, "billstream.dlq", 1,
+    dlq = await read_topic(host.settings.kafka_bootstrap, "billstream.dlq", 1,
                             match=lambda r: orjson.loads(r.value)["id"] == row["event_id"])
     headers = dict(dlq[0].headers)
     assert b"never be applied" in headers["dlq_reason"]
@@ -253,20 +247,3 @@ async def test_rebuild_by_replay(fresh_database, kafka_bootstrap):
 
 async def _eq(awaitable, expected):
     return (await awaitable) == expected
-
-
-async def _read_topic(bootstrap, topic, n, match=lambda r: True):
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=unique("reader"),
-                                auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    found = []
-    try:
-        deadline = asyncio.get_running_loop().time() + 20
-        while len(found) < n and asyncio.get_running_loop().time() < deadline:
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                found += [r for r in records if match(r)]
-    finally:
-        await consumer.stop()
-    assert len(found) >= n, f"found {len(found)} of {n} records on {topic}"
-    return found[:n] if n else found

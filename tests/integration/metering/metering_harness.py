@@ -27,7 +27,7 @@ from billstream_runtime.auth import hash_key
 from billstream_runtime.ids import new_id
 from billstream_runtime.settings import load_settings
 from billstream_testing.events import envelope, publish
-from billstream_testing.fixtures import unique
+from billstream_testing.fixtures import service_env, unique
 from billstream_testing.waiting import eventually
 
 
@@ -137,14 +137,8 @@ class Metering:
 
 def metering_settings(dsn: str, bootstrap: str, group_prefix: str | None = None,
                       **extra: str) -> MeteringSettings:
-    env = {
-        "BILLSTREAM_METERING_DATABASE_URL": dsn,
-        "BILLSTREAM_KAFKA_BOOTSTRAP": bootstrap,
-        "BILLSTREAM_METERING_CONSUMER_GROUP_PREFIX": group_prefix or unique("g"),
-        "BILLSTREAM_METERING_RELAY_HEARTBEAT_INTERVAL_S": "0.2",
-        "BILLSTREAM_METERING_PROJECTION_WAIT_S": "0.3",
-    }
-    env.update({f"BILLSTREAM_METERING_{k.upper()}": v for k, v in extra.items()})
+    env = service_env("metering", dsn, bootstrap, **{
+        "projection_wait_s": "0.3", "consumer_group_prefix": group_prefix or unique("g"), **extra})
     return load_settings("metering", MeteringSettings, environ=env)
 
 

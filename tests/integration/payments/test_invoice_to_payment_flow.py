@@ -26,7 +26,7 @@ from billstream_runtime.auth import hash_key
 from billstream_runtime.ids import new_id
 from billstream_runtime.settings import load_settings
 from billstream_testing.events import envelope, publish
-from billstream_testing.fixtures import unique
+from billstream_testing.fixtures import service_env, unique
 from billstream_testing.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -42,10 +42,7 @@ def _sibling_database(dsn: str, suffix: str) -> str:
 
 
 def _env(service: str, dsn: str, bootstrap: str) -> dict[str, str]:
-    p = f"BILLSTREAM_{service.upper()}_"
-    return {p + "DATABASE_URL": dsn, "BILLSTREAM_KAFKA_BOOTSTRAP": bootstrap,
-            p + "CONSUMER_GROUP_PREFIX": unique("g"), p + "RELAY_HEARTBEAT_INTERVAL_S": "0.2",
-            p + "COLLECT_POLL_INTERVAL_S": "0.5"}
+    return service_env(service, dsn, bootstrap, collect_poll_interval_s="0.5")
 
 
 @pytest.fixture

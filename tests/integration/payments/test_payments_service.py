@@ -25,7 +25,7 @@ from billstream_runtime.auth import hash_key
 from billstream_runtime.ids import new_id
 from billstream_runtime.settings import load_settings
 from billstream_testing.events import envelope, publish
-from billstream_testing.fixtures import unique
+from billstream_testing.fixtures import service_env, unique
 from billstream_testing.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -37,15 +37,9 @@ PROJECTION_WAIT_S = 1.0
 
 @pytest.fixture
 async def host(fresh_database, kafka_bootstrap):
-    settings = load_settings("payments", PaymentsSettings, environ={
-        "BILLSTREAM_PAYMENTS_DATABASE_URL": fresh_database,
-        "BILLSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "BILLSTREAM_PAYMENTS_CONSUMER_GROUP_PREFIX": unique("g"),
-        "BILLSTREAM_PAYMENTS_RELAY_HEARTBEAT_INTERVAL_S": "0.2",
-        "BILLSTREAM_PAYMENTS_CONSUMER_RETRY_BACKOFF_S": "0.01",
-        "BILLSTREAM_PAYMENTS_PROJECTION_WAIT_S": str(PROJECTION_WAIT_S),
-        "BILLSTREAM_PAYMENTS_COLLECT_POLL_INTERVAL_S": "0.5",
-    })
+    settings = load_settings("payments", PaymentsSettings, environ=service_env(
+        "payments", fresh_database, kafka_bootstrap, projection_wait_s=PROJECTION_WAIT_S,
+        collect_poll_interval_s="0.5"))
     h = build(settings)
     await h.start(serve_http=False)
     try:

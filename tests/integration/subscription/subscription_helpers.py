@@ -7,21 +7,13 @@ import httpx
 from billstream_messaging import ServiceHost
 from billstream_runtime.settings import load_settings
 from billstream_subscription.settings import SubscriptionSettings
-from billstream_testing.fixtures import unique
+from billstream_testing.fixtures import service_env
 
 ADMIN_TOKEN = "admin-token-for-subscription-tests"
 
 
 def settings_for(dsn: str, bootstrap: str, **extra: str) -> SubscriptionSettings:
-    env = {
-        "BILLSTREAM_SUBSCRIPTION_DATABASE_URL": dsn,
-        "BILLSTREAM_KAFKA_BOOTSTRAP": bootstrap,
-        "BILLSTREAM_SUBSCRIPTION_ADMIN_TOKEN": ADMIN_TOKEN,
-        "BILLSTREAM_SUBSCRIPTION_CONSUMER_GROUP_PREFIX": unique("g"),
-        "BILLSTREAM_SUBSCRIPTION_CONSUMER_RETRY_BACKOFF_S": "0.01",
-        "BILLSTREAM_SUBSCRIPTION_RELAY_HEARTBEAT_INTERVAL_S": "0.2",
-        **{f"BILLSTREAM_SUBSCRIPTION_{k.upper()}": v for k, v in extra.items()},
-    }
+    env = service_env("subscription", dsn, bootstrap, admin_token=ADMIN_TOKEN, **extra)
     return load_settings("subscription", SubscriptionSettings, environ=env)
 
 
