@@ -117,7 +117,7 @@ class WebhookReceiver:
         try:
             return await asyncio.wait_for(satisfied(), timeout)
         except TimeoutError:
-            summary = [(r.status, r.headers.get("webhook-id"), r.body[:120]) for r in self._requests]
+            summary = [(r.status, r.webhook_id, r.body[:120]) for r in self._requests]
             raise AssertionError(
                 f"webhook receiver: condition not met within {timeout}s; "
                 f"{len(self._requests)} requests: {summary}"

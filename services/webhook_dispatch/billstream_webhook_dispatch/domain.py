@@ -258,7 +258,8 @@ def retry_refusal(
     sent again, delivered deliveries included (a replay)."""
     if endpoint_status != "enabled":
         return InvalidRequest(
-            "endpoint_disabled", "The webhook endpoint is disabled; its deliveries cannot be retried"
+            "endpoint_disabled",
+            "The webhook endpoint is disabled; its deliveries cannot be retried",
         )
     if status == "sending" and not lease_expired:
         return Conflict(

@@ -201,7 +201,8 @@ def test_public_event_shape_and_bytes():
 
 
 def test_rfc3339():
-    assert rfc3339(datetime(2026, 1, 1, 0, 0, 0, 123456, tzinfo=UTC)) == "2026-01-01T00:00:00.123456Z"
+    precise = datetime(2026, 1, 1, 0, 0, 0, 123456, tzinfo=UTC)
+    assert rfc3339(precise) == "2026-01-01T00:00:00.123456Z"
     plus_two = datetime(2026, 1, 1, 3, tzinfo=timezone(timedelta(hours=2)))
     assert rfc3339(plus_two) == "2026-01-01T01:00:00Z"
     assert rfc3339(None) is None
