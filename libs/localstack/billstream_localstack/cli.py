@@ -88,7 +88,10 @@ def _run_dev(args: argparse.Namespace) -> int:
         external_kafka=args.kafka_bootstrap,
         log_level=args.log_level,
     )
-    signal.signal(signal.SIGTERM, _interrupt)  # stop as cleanly on SIGTERM as on Ctrl-C
+    # Stop as cleanly on SIGTERM as on Ctrl-C. SIGINT is installed explicitly too: a process
+    # started in the background by a non-interactive shell inherits SIGINT as ignored.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         print("Starting Billstream...", flush=True)
         stack.start()
