@@ -74,3 +74,23 @@ async def test_one_billing_flow_through_all_six_services(platform):
         paid_totals = sorted(orjson.loads(r.body)["data"]["invoice"]["total"] for r in paid)
         assert paid_totals == [4900, 5200]
     await api.aclose()
+
+
+async def test_usage_acknowledged_before_a_period_closes_is_billed_in_that_period(platform):
+    """No waiting between the last usage answer and the clock advance: whatever ingestion
+    acknowledged before the period closed is on that period's invoice."""
+    stack, dev = platform
+    api = Api(stack.base_url, dev["test_secret_key"])
+    async with WebhookReceiver() as receiver:
+        objs = await setup_customer(api, receiver.url, external_id="rush-1")
+        customer_id, clock_id = objs["customer"]["id"], objs["clock"]["id"]
+        await paid_invoices(api, customer_id, 1)
+        await api.post(f"/v1/test_clocks/{clock_id}/advance",
+                       {"frozen_time": "2026-01-31T00:00:00Z"})
+        totals = await send_usage(api, usage_events("rush-1", 2500, prefix="rush"), batch=1000)
+        assert totals["accepted"] == 2500
+        await api.post(f"/v1/test_clocks/{clock_id}/advance",
+                       {"frozen_time": "2026-02-02T00:00:00Z"})
+        invoices = await paid_invoices(api, customer_id, 2)
+        assert sorted(i["total"] for i in invoices) == [4900, 5400]  # 49.00 + 2500 × 0.002
+    await api.aclose()

@@ -195,6 +195,25 @@ class UsageAccepted(EventData):
     properties: dict[str, object] = {}
 
 
+@register
+class UsagePeriodClosed(EventData):
+    """Ingestion's barrier for a period end, on `billstream.usage.accepted`.
+
+    Ingestion answers each `subscription.period_ended` by appending this to its own log, which
+    is gapless and commit-ordered: every usage event it accepted before has a lower sequence.
+    Metering summarizes the period only once it has applied every ingestion event below this
+    one, so usage acknowledged before a period closed is billed in that period."""
+
+    event_type = "usage.period_closed"
+    public = False
+    subscription: SubscriptionSnapshot
+    period_start: datetime
+    period_end: datetime
+    renews: bool
+    next_period_start: datetime | None = None
+    next_period_end: datetime | None = None
+
+
 # ---------------------------------------------------------------- metering
 
 

@@ -29,6 +29,7 @@ def envelope(
     version: int = 1,
     occurred_at: datetime | None = None,
     event_id: str | None = None,
+    sequence: int | None = None,
 ) -> Envelope:
     now = datetime.now(UTC)
     if isinstance(data, EventData):
@@ -39,7 +40,7 @@ def envelope(
     return Envelope(
         id=event_id or new_id("evt"), type=type, version=version, tenant_id=tenant_id,
         environment=environment, occurred_at=occurred_at or now, recorded_at=now, source=source,
-        sequence=next(_seq), aggregate_type=aggregate_type,
+        sequence=sequence or next(_seq), aggregate_type=aggregate_type,
         aggregate_id=aggregate_id or new_id("agg"), data=payload,
     )
 

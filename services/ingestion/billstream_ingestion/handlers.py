@@ -1,10 +1,12 @@
 """Consumer `ingestion.catalog` (billstream.subscription.events): the API keys, customers,
-meters and test clocks ingestion needs to validate usage on its own."""
+meters and test clocks ingestion needs to validate usage on its own, and the period ends it
+orders behind the usage it accepted (`usage.period_closed`)."""
 
 from __future__ import annotations
 
+from billstream_contracts.events import UsagePeriodClosed
 from billstream_ingestion import repository
-from billstream_messaging import API_KEY_HANDLERS, EventContext
+from billstream_messaging import API_KEY_HANDLERS, EventContext, NewEvent
 
 
 async def on_customer_created(ctx: EventContext) -> None:
@@ -25,12 +27,30 @@ async def on_test_clock(ctx: EventContext) -> None:
                                     d.test_clock_id, d.frozen_time)
 
 
+async def on_period_ended(ctx: EventContext) -> None:
+    """Append `usage.period_closed` to the accepted-usage log. Usage acknowledged before this
+    commit has a lower sequence in the log, so metering can wait for all of it before it
+    summarizes the period (see UsagePeriodClosed)."""
+    d = ctx.data
+    closed = UsagePeriodClosed(
+        subscription=d.subscription, period_start=d.period_start, period_end=d.period_end,
+        renews=d.renews, next_period_start=d.next_period_start,
+        next_period_end=d.next_period_end,
+    )
+    await ctx.store.append(ctx.conn, [NewEvent(
+        data=closed, tenant_id=ctx.envelope.tenant_id, environment=ctx.envelope.environment,
+        aggregate_type="customer", aggregate_id=d.subscription.customer_id,
+        occurred_at=d.period_end,
+    )], cause=ctx.cause)
+
+
 CATALOG_HANDLERS = {
     **API_KEY_HANDLERS,
     "customer.created": on_customer_created,
     "meter.created": on_meter_created,
     "test_clock.created": on_test_clock,
     "test_clock.advanced": on_test_clock,
+    "subscription.period_ended": on_period_ended,
 }
 
 #: Tables the catalog consumer writes: emptied by `rebuild catalog`, refilled by replay.

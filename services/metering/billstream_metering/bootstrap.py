@@ -14,6 +14,7 @@ from billstream_metering.handlers import (
     USAGE_READ_MODEL,
 )
 from billstream_metering.settings import MeteringSettings, load
+from billstream_metering.tasks import close_periods
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -24,7 +25,7 @@ def build(settings: MeteringSettings | None = None) -> ServiceHost:
     name = settings.service_name
     host = ServiceHost(
         settings=settings, title="Billstream metering", migrations=MIGRATIONS,
-        routers=[router], store=store,
+        routers=[router], store=store, tasks=[close_periods],
         read_models={f"{name}.usage": USAGE_READ_MODEL, f"{name}.catalog": CATALOG_READ_MODEL},
     )
     for consumer_name, topic, handlers in (("usage", USAGE_ACCEPTED, USAGE_HANDLERS),

@@ -1,8 +1,11 @@
 """Consumers of metering.
 
-- `metering.usage` (billstream.usage.accepted): one usage row per accepted event.
-- `metering.catalog` (billstream.subscription.events): API keys, customers, meters, and
-  `subscription.period_ended`, answered with `usage.period_summarized`.
+- `metering.usage` (billstream.usage.accepted, ingestion's log): one usage row per accepted
+  event, and `usage.period_closed` recorded as a pending close; `tasks.close_periods` answers it
+  with `usage.period_summarized` once every usage event before it in the log is applied. This
+  consumer must handle every type ingestion writes to that log: the per-source watermark counts
+  the events it applied (see repository.advance_watermark).
+- `metering.catalog` (billstream.subscription.events): API keys, customers, meters.
 """
 
 from __future__ import annotations
@@ -27,19 +30,18 @@ async def on_meter_created(ctx: EventContext) -> None:
     await service.learn_meter(ctx.conn, _scope(ctx), ctx.data)
 
 
-async def on_period_ended(ctx: EventContext) -> None:
-    await service.summarize_period(ctx.conn, ctx.store, _scope(ctx), ctx.data, ctx.cause)
+async def on_period_closed(ctx: EventContext) -> None:
+    await service.record_close(ctx.conn, ctx.envelope)
 
 
-USAGE_HANDLERS = {"usage.accepted": on_usage_accepted}
+USAGE_HANDLERS = {"usage.accepted": on_usage_accepted, "usage.period_closed": on_period_closed}
 CATALOG_HANDLERS = {
     **API_KEY_HANDLERS,
     "customer.created": on_customer_created,
     "meter.created": on_meter_created,
-    "subscription.period_ended": on_period_ended,
 }
 
 #: Tables each consumer writes: emptied by `rebuild <consumer>`, refilled by replay. The
 #: period summaries and which usage they billed are metering's own state, never emptied.
-USAGE_READ_MODEL = ["usage_records"]
+USAGE_READ_MODEL = ["usage_records", "source_watermarks"]
 CATALOG_READ_MODEL = ["api_keys", "customers", "meters"]

@@ -229,3 +229,62 @@ async def sweep(conn: asyncpg.Connection, summary_id: str, tenant_id: str, envir
         tenant_id, environment, list(refs), list(meters), start, end, summary_id,
     )
     return {r["meter"]: Totals(r["total"], r["n"], r["maximum"]) for r in rows}
+
+
+# ---------------------------------------------------------------- period closes
+
+
+async def insert_pending_close(conn: asyncpg.Connection, event_id: str, tenant_id: str,
+                               environment: str, source: str, required_seq: int,
+                               correlation_id: str | None, data: dict) -> None:
+    await conn.execute(
+        "INSERT INTO pending_closes (event_id, tenant_id, environment, source, required_seq,"
+        " correlation_id, data) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        " ON CONFLICT (event_id) DO NOTHING",
+        event_id, tenant_id, environment, source, required_seq, correlation_id, data,
+    )
+
+
+async def pending_sources(conn: Conn) -> list[str]:
+    return [r["source"] for r in await conn.fetch("SELECT DISTINCT source FROM pending_closes")]
+
+
+async def advance_watermark(conn: asyncpg.Connection, consumer: str, source: str,
+                            page: int = 10_000) -> int:
+    """Move `source`'s watermark past every sequence the consumer has applied contiguously
+    (its inbox holds one row per applied event, with the source's sequence)."""
+    mark = await conn.fetchval("SELECT seq FROM source_watermarks WHERE source = $1", source) or 0
+    start = mark
+    while True:
+        rows = await conn.fetch(
+            "SELECT DISTINCT sequence FROM inbox WHERE consumer = $1 AND source = $2"
+            " AND sequence > $3 ORDER BY sequence LIMIT $4",
+            consumer, source, mark, page,
+        )
+        for row in rows:
+            if row["sequence"] != mark + 1:
+                break
+            mark += 1
+        else:
+            if len(rows) == page:
+                continue
+        break
+    if mark != start:
+        await conn.execute(
+            "INSERT INTO source_watermarks (source, seq) VALUES ($1, $2)"
+            " ON CONFLICT (source) DO UPDATE SET seq = EXCLUDED.seq",
+            source, mark,
+        )
+    return mark
+
+
+async def claim_due_close(conn: asyncpg.Connection, source: str, watermark: int):
+    return await conn.fetchrow(
+        "SELECT * FROM pending_closes WHERE source = $1 AND required_seq <= $2"
+        " ORDER BY required_seq LIMIT 1 FOR UPDATE SKIP LOCKED",
+        source, watermark,
+    )
+
+
+async def delete_pending_close(conn: asyncpg.Connection, event_id: str) -> None:
+    await conn.execute("DELETE FROM pending_closes WHERE event_id = $1", event_id)

@@ -14,10 +14,11 @@ import structlog
 from billstream_contracts.events import (
     CustomerCreated,
     MeterCreated,
-    SubscriptionPeriodEnded,
+    UsagePeriodClosed,
     UsageAccepted,
     UsagePeriodSummarized,
 )
+from billstream_contracts import Envelope
 from billstream_messaging import Cause, EventStore, NewEvent
 from billstream_metering import domain, repository
 from billstream_metering.domain import Meter, Totals
@@ -78,9 +79,42 @@ async def learn_meter(conn: asyncpg.Connection, scope: Scope, data: MeterCreated
 # ---------------------------------------------------------------- period summaries
 
 
+async def record_close(conn: asyncpg.Connection, envelope: Envelope) -> None:
+    """A `usage.period_closed` from ingestion's log waits until every event of that log before
+    it (sequence < its own) is applied; `close_due_periods` then summarizes the period."""
+    await repository.insert_pending_close(
+        conn, envelope.id, envelope.tenant_id, envelope.environment, envelope.source,
+        envelope.sequence - 1, envelope.correlation_id, envelope.data,
+    )
+
+
+async def close_due_periods(pool: asyncpg.Pool, store: EventStore, consumer: str) -> int:
+    """Summarize every pending period close whose preceding usage has all been applied.
+    Each close commits alone, with its summary and event; returns how many were closed."""
+    closed = 0
+    async with pool.acquire() as conn:
+        sources = await repository.pending_sources(conn)
+    for source in sources:
+        async with pool.acquire() as conn, conn.transaction():
+            watermark = await repository.advance_watermark(conn, consumer, source)
+        while True:
+            async with pool.acquire() as conn, conn.transaction():
+                row = await repository.claim_due_close(conn, source, watermark)
+                if row is None:
+                    break
+                data = UsagePeriodClosed.model_validate(row["data"])
+                await summarize_period(
+                    conn, store, Scope(row["tenant_id"], row["environment"]), data,
+                    Cause(row["event_id"], row["correlation_id"]),
+                )
+                await repository.delete_pending_close(conn, row["event_id"])
+                closed += 1
+    return closed
+
+
 async def summarize_period(conn: asyncpg.Connection, store: EventStore, scope: Scope,
-                           data: SubscriptionPeriodEnded, cause: Cause | None) -> bool:
-    """Answer a `subscription.period_ended` with one `usage.period_summarized`.
+                           data: UsagePeriodClosed, cause: Cause | None) -> bool:
+    """Answer a period close with one `usage.period_summarized`.
 
     The sweep: every usage row of the subscription's customer (by its `cus_` id or external
     id), for the meters of the plan's usage charges, with `started_at <= ts < period_end` and

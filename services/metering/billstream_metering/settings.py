@@ -8,6 +8,8 @@ from billstream_runtime.settings import ServiceSettings, load_settings
 
 class MeteringSettings(ServiceSettings):
     service_name: str = "metering"
+    # How often the period-close task looks for closes whose preceding usage is all applied.
+    close_poll_interval_s: float = 0.1
     # `GET /v1/usage` waits up to `projection_wait_s` (inherited) for a meter created a moment
     # ago before answering 404.
 

@@ -217,3 +217,37 @@ async def test_environments_and_the_idempotency_header(ingestion: Ingestion):
         assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
     envs = sorted(e["environment"] for e in await ingestion.accepted_events())
     assert envs == ["live", "test"]
+
+
+async def test_a_period_end_is_ordered_behind_the_usage_accepted_before_it(ingestion):
+    """`subscription.period_ended` becomes `usage.period_closed` in ingestion's own log, after
+    every usage event accepted before it: metering's barrier for billing the period."""
+    from billstream_contracts.events import (
+        Charge, PlanSnapshot, SubscriptionPeriodEnded, SubscriptionSnapshot,
+    )
+
+    await ingestion.create_meter("api_calls")
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events", json={"events": [
+            ev(f"pe{i}", timestamp="2026-01-10T00:00:00Z") for i in range(5)]})
+    assert r.json()["accepted"] == 5
+    jan, feb = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC)
+    plan = PlanSnapshot(plan_id="plan_1", code="pro", name="Pro", currency="USD",
+                        interval="month", charges=[Charge(
+                            charge_id="chg_1", type="usage", timing="in_arrears",
+                            meter="api_calls", model="per_unit", unit_price="0.002")])
+    sub = SubscriptionSnapshot(subscription_id="sub_1", customer_id="cus_1",
+                               customer_external_id="acme-1", plan=plan, status="active",
+                               started_at=jan, current_period_start=jan, current_period_end=feb)
+    await ingestion.publish(SubscriptionPeriodEnded(
+        subscription=sub, period_start=jan, period_end=feb, renews=True,
+        next_period_start=feb, next_period_end=datetime(2026, 3, 1, tzinfo=UTC)))
+    await ingestion.wait_for_row(
+        "SELECT 1 FROM event_log WHERE type = 'usage.period_closed' AND tenant_id = $1",
+        ingestion.tenant_id)
+    log = await ingestion.accepted_events()
+    assert [e["type"] for e in log] == ["usage.accepted"] * 5 + ["usage.period_closed"]
+    close = log[-1]
+    assert close["topic"] == USAGE_ACCEPTED and close["causation_id"] is not None
+    assert close["data"]["subscription"]["subscription_id"] == "sub_1"
+    assert close["seq"] > max(e["seq"] for e in log[:-1])

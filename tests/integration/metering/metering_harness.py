@@ -3,7 +3,8 @@ own, and the events it consumes published straight onto their topics."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import httpx
@@ -16,9 +17,11 @@ from billstream_contracts.events import (
     MeterCreated,
     PlanSnapshot,
     SubscriptionPeriodEnded,
+    UsagePeriodClosed,
     SubscriptionSnapshot,
     UsageAccepted,
 )
+from billstream_contracts import Envelope
 from billstream_contracts.topics import SUBSCRIPTION_EVENTS, USAGE_ACCEPTED
 from billstream_messaging import ServiceHost
 from billstream_metering.bootstrap import build
@@ -60,12 +63,20 @@ def period_ended(customer_id: str, external_id: str | None, plan: PlanSnapshot,
                                    next_period_end=end + (end - start))
 
 
+def closed(period: SubscriptionPeriodEnded) -> UsagePeriodClosed:
+    """What ingestion appends to its log when it sees `period`."""
+    return UsagePeriodClosed(**period.model_dump())
+
+
 @dataclass
 class Metering:
     host: ServiceHost
     bootstrap: str
     tenant_id: str
     key: str
+    # This test's stand-in for ingestion's log: its own source name and gapless sequence.
+    source: str = field(default_factory=lambda: unique("ingestion"))
+    sequence: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def client(self, key: str | None = None) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -86,9 +97,23 @@ class Metering:
 
     async def publish_usage(self, *datas: UsageAccepted) -> None:
         await publish(self.bootstrap, USAGE_ACCEPTED, *[
-            envelope(d, tenant_id=self.tenant_id, source="ingestion", aggregate_type="customer",
-                     aggregate_id=d.customer_id or d.customer, occurred_at=d.timestamp)
+            envelope(d, tenant_id=self.tenant_id, source=self.source, aggregate_type="customer",
+                     aggregate_id=d.customer_id or d.customer, occurred_at=d.timestamp,
+                     sequence=next(self.sequence))
             for d in datas])
+
+    async def publish_close(self, period: SubscriptionPeriodEnded) -> Envelope:
+        """Ingestion's `usage.period_closed` for `period`, next in this log; returned so that
+        a test can redeliver the very same event."""
+        env = envelope(closed(period), tenant_id=self.tenant_id, source=self.source,
+                       aggregate_type="customer",
+                       aggregate_id=period.subscription.customer_id,
+                       occurred_at=period.period_end, sequence=next(self.sequence))
+        await publish(self.bootstrap, USAGE_ACCEPTED, env)
+        return env
+
+    async def redeliver(self, env: Envelope) -> None:
+        await publish(self.bootstrap, USAGE_ACCEPTED, env)
 
     async def add_key(self, kind: str = "secret") -> str:
         prefix = {"secret": "sk", "publishable": "pk"}[kind]

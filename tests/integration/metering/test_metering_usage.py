@@ -12,6 +12,7 @@ from billstream_metering.bootstrap import build
 from billstream_runtime.ids import new_id
 from billstream_testing.events import envelope, publish
 from billstream_testing.fixtures import unique
+from billstream_testing.waiting import eventually
 from metering_harness import (
     Metering,
     metering_settings,
@@ -131,8 +132,8 @@ async def test_period_summaries_sweep_late_usage_once(metering: Metering):
         usage("someone-else", "api_calls", "77", JAN + timedelta(days=1)),
     )
     await metering.wait_for_usage_rows(8)
-    first = period_ended(cus, "acme-2", pro, JAN, FEB, subscription_id=sub)
-    await metering.publish_catalog(first, aggregate_id=sub)
+    first = await metering.publish_close(
+        period_ended(cus, "acme-2", pro, JAN, FEB, subscription_id=sub))
     [s1] = await metering.summaries(1)
     assert (s1["aggregate_type"], s1["aggregate_id"], s1["topic"]) == (
         "subscription", sub, "billstream.metering.events")
@@ -158,11 +159,10 @@ async def test_period_summaries_sweep_late_usage_once(metering: Metering):
         usage("acme-2", "api_calls", "3", MAR + timedelta(days=1)),  # after the 2nd period
     )
     await metering.wait_for_usage_rows(11)
-    # A replay of January's period end is answered by nothing.
-    # (Same subscription, same partition: applied in order.)
-    await metering.publish_catalog(first, aggregate_id=sub)
-    second = period_ended(cus, "acme-2", pro, FEB, MAR, subscription_id=sub, started_at=JAN)
-    await metering.publish_catalog(second, aggregate_id=sub)
+    # A redelivery of January's close is answered by nothing.
+    await metering.redeliver(first)
+    await metering.publish_close(
+        period_ended(cus, "acme-2", pro, FEB, MAR, subscription_id=sub, started_at=JAN))
     s1_again, s2 = await metering.summaries(2)
     assert s1_again["id"] == s1["id"]
     assert s2["data"]["period_start"] == "2026-02-01T00:00:00Z"
@@ -181,7 +181,7 @@ async def test_period_summaries_sweep_late_usage_once(metering: Metering):
 
     # A plan without usage charges, and a period without usage, still get their summary.
     bare = period_ended(cus, "acme-2", plan(), MAR, APR, subscription_id=new_id("sub"))
-    await metering.publish_catalog(bare)
+    await metering.publish_close(bare)
     all_summaries = await metering.summaries(3)
     assert len(all_summaries) == 3  # the replayed January end emitted nothing
     s3 = all_summaries[-1]
@@ -203,8 +203,7 @@ async def test_rebuilding_usage_never_bills_twice(fresh_database, kafka_bootstra
         await svc.publish_usage(*[usage("acme-3", "api_calls", "10", JAN + timedelta(hours=i))
                                   for i in range(5)])
         await svc.wait_for_usage_rows(5)
-        await svc.publish_catalog(period_ended(cus, "acme-3", pro, JAN, FEB,
-                                               subscription_id=sub))
+        await svc.publish_close(period_ended(cus, "acme-3", pro, JAN, FEB, subscription_id=sub))
         await svc.summaries(1)
     finally:
         await host.stop()
@@ -221,10 +220,39 @@ async def test_rebuilding_usage_never_bills_twice(fresh_database, kafka_bootstra
             svc.tenant_id) == 0
         await svc.publish_usage(usage("acme-3", "api_calls", "1", FEB + timedelta(days=1)))
         await svc.wait_for_usage_rows(6)
-        await svc.publish_catalog(period_ended(cus, "acme-3", pro, FEB, MAR,
-                                               subscription_id=sub, started_at=JAN))
+        await svc.publish_close(period_ended(cus, "acme-3", pro, FEB, MAR,
+                                             subscription_id=sub, started_at=JAN))
         _, s2 = await svc.summaries(2)
         assert s2["data"]["usage"][0]["quantity"] == "1"
         assert s2["data"]["usage"][0]["usage_count"] == 1
     finally:
         await host.stop()
+
+
+async def test_a_close_waits_for_every_usage_event_before_it_in_the_log(metering):
+    """The close of January arrives before usage that ingestion accepted (and acknowledged)
+    before it: metering holds the close until that usage is applied, then bills it all in
+    January."""
+    await metering.create_meter("api_calls")
+    cus = await metering.create_customer("acme-9")
+    sub = new_id("sub")
+    early = [envelope(usage("acme-9", "api_calls", "7", JAN + timedelta(days=d), customer_id=cus),
+                      tenant_id=metering.tenant_id, source=metering.source,
+                      aggregate_type="customer", aggregate_id=f"{cus}-{d}",
+                      sequence=next(metering.sequence))
+             for d in range(6)]
+    await metering.publish_close(period_ended(cus, "acme-9", plan("api_calls"), JAN, FEB,
+                                              subscription_id=sub))
+
+    async def waiting():
+        return await metering.host.pool.fetchval(
+            "SELECT count(*) FROM pending_closes WHERE source = $1", metering.source)
+
+    await eventually(waiting, message="the close is held back")
+    assert await metering.host.pool.fetchval(
+        "SELECT count(*) FROM period_summaries WHERE tenant_id = $1", metering.tenant_id) == 0
+    await publish(metering.bootstrap, USAGE_ACCEPTED, *reversed(early))
+    [summary] = await metering.summaries(1)
+    assert summary["data"]["usage"] == [
+        {"charge_id": "ch_api_calls", "meter": "api_calls", "quantity": "42", "usage_count": 6}]
+    assert await waiting() == 0
