@@ -31,7 +31,7 @@ from billstream_messaging import ServiceHost
 from billstream_runtime.auth import hash_key
 from billstream_runtime.ids import new_id
 from billstream_testing.events import envelope, publish
-from billstream_testing.fixtures import unique
+from billstream_testing.fixtures import service_env, unique
 from billstream_testing.waiting import eventually
 from billstream_testing.webhooks import WebhookReceiver
 from billstream_webhook_dispatch.bootstrap import build
@@ -53,16 +53,8 @@ FAST = {  # retries in tens of milliseconds
 
 
 def dispatch_settings(dsn: str, bootstrap: str, **extra: str) -> WebhookDispatchSettings:
-    env = {
-        "BILLSTREAM_WEBHOOK_DISPATCH_DATABASE_URL": dsn,
-        "BILLSTREAM_KAFKA_BOOTSTRAP": bootstrap,
-        "BILLSTREAM_WEBHOOK_DISPATCH_CONSUMER_GROUP_PREFIX": unique("g"),
-        "BILLSTREAM_WEBHOOK_DISPATCH_RELAY_HEARTBEAT_INTERVAL_S": "0.2",
-        "BILLSTREAM_WEBHOOK_DISPATCH_PROJECTION_WAIT_S": "0.3",
-        "BILLSTREAM_WEBHOOK_DISPATCH_DB_POOL_MAX": "20",
-    }
-    env.update({f"BILLSTREAM_WEBHOOK_DISPATCH_{k.upper()}": v for k, v in {**FAST,
-                                                                          **extra}.items()})
+    env = service_env("webhook_dispatch", dsn, bootstrap, **{
+        "projection_wait_s": "0.3", "db_pool_max": "20", **FAST, **extra})
     return settings_from_env(env)
 
 
