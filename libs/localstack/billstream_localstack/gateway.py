@@ -18,13 +18,15 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
+import swagger_ui_bundle
 import uvicorn
 from billstream_runtime.routes import GATEWAY_PORT, SERVICES, service_for
 from fastapi.openapi.docs import get_swagger_ui_html
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from billstream_localstack._proc import LOOPBACK
 from billstream_localstack.openapi_merge import merge_openapi
@@ -70,6 +72,8 @@ def create_gateway(
         Route("/healthz", gateway.healthz, methods=["GET"]),
         Route("/openapi.json", gateway.openapi, methods=["GET"]),
         Route("/docs", gateway.docs, methods=["GET"]),
+        # Swagger UI's assets come from the swagger-ui-bundle wheel: no CDN, works offline.
+        Mount("/docs/assets", app=StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)),
         Route("/{path:path}", gateway.proxy, methods=PROXIED_METHODS),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
@@ -84,7 +88,13 @@ class _Gateway:
         return JSONResponse({"status": "ok"})
 
     async def docs(self, _: Request) -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="Billstream API")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="Billstream API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon-32x32.png",
+        )
 
     async def openapi(self, _: Request) -> Response:
         """The merged document of every service that answers; the others are listed in

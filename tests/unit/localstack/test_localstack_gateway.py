@@ -203,6 +203,11 @@ async def test_docs_is_swagger_ui_on_the_merged_document(gateway: httpx.AsyncCli
     assert response.status_code == 200
     assert "swagger-ui" in response.text
     assert "/openapi.json" in response.text
+    assert "cdn." not in response.text  # self-hosted: no third-party assets
+    for asset in ("/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css"):
+        assert asset in response.text
+        served = await gateway.get(asset)
+        assert served.status_code == 200 and len(served.content) > 1000
 
 
 async def test_openapi_merges_the_services_that_answer(
