@@ -72,7 +72,7 @@ def create_gateway(
         Route("/healthz", gateway.healthz, methods=["GET"]),
         Route("/openapi.json", gateway.openapi, methods=["GET"]),
         Route("/docs", gateway.docs, methods=["GET"]),
-        # Swagger UI's assets come from the swagger-ui-bundle wheel: no CDN, works offline.
+        # Swagger UI 5 (OpenAPI 3.1) from the swagger-ui-bundle-v2 wheel: no CDN, works offline.
         Mount("/docs/assets", app=StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)),
         Route("/{path:path}", gateway.proxy, methods=PROXIED_METHODS),
     ]
