@@ -173,13 +173,19 @@ def compose_service_for_dockerfile(compose: dict[str, Any], dockerfile: str) -> 
     return None
 
 
-def topic_specs(value: str) -> list[tuple[str, int]]:
-    """'name:partitions name:partitions ...' as a list, in order."""
+def topic_specs(value: str) -> list[tuple[str, int, int | None]]:
+    """'name:partitions:retention_ms|default ...' as a list, in order."""
     out = []
     for spec in value.split():
-        name, _, partitions = spec.rpartition(":")
-        out.append((name, int(partitions)))
+        name, partitions, retention = spec.split(":")
+        out.append((name, int(partitions), None if retention == "default" else int(retention)))
     return out
+
+
+def expected_topic_specs() -> list[tuple[str, int, int | None]]:
+    from billstream_contracts.topics import TOPICS
+
+    return [(t.name, t.partitions, t.retention_ms) for t in TOPICS]
 
 
 # --- nginx.conf --------------------------------------------------------------------------

@@ -9,10 +9,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from billstream_contracts.topics import TOPICS
 from billstream_runtime.routes import SERVICES
 
 from .support import (
+    expected_topic_specs,
     CONTAINER_PORT,
     NGINX_CONF,
     POSTGRES_INIT,
@@ -141,7 +141,9 @@ def test_kafka_init_creates_every_topic(compose: dict[str, Any], kafka: str) -> 
     spec = compose["services"][inits[0]]
     assert depends_on(spec) == {kafka: "service_healthy"}
     env = env_map(spec["environment"])
-    assert topic_specs(env["BILLSTREAM_TOPICS"]) == [(t.name, t.partitions) for t in TOPICS]
+    assert topic_specs(env["BILLSTREAM_TOPICS"]) == expected_topic_specs()
+    assert "retention.ms=" in (" ".join(spec["command"]) if isinstance(spec["command"], list)
+                               else spec["command"])
     script = " ".join(spec["command"]) if isinstance(spec["command"], list) else spec["command"]
     assert "kafka-topics.sh" in script and "--create" in script and "--if-not-exists" in script
     assert "BILLSTREAM_TOPICS" in script and "--partitions" in script

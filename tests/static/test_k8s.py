@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 import yaml
-from billstream_contracts.topics import TOPICS
 from billstream_runtime.routes import ROUTES, SERVICES, service_for
 
 from .support import (
+    expected_topic_specs,
     CONTAINER_PORT,
     GATEWAY_MODULE,
     K8S_DIR,
@@ -227,9 +227,7 @@ def test_topics_job_creates_every_topic(docs: list[dict[str, Any]]) -> None:
     container = _only_container(_kind(docs, "Job")["kafka-topics"])
     assert container["image"].startswith("apache/kafka:")
     env = container_env(container)
-    assert topic_specs(env["BILLSTREAM_TOPICS"]["value"]) == [
-        (t.name, t.partitions) for t in TOPICS
-    ]
+    assert topic_specs(env["BILLSTREAM_TOPICS"]["value"]) == expected_topic_specs()
     script = " ".join(container.get("command", []) + container.get("args", []))
     assert "kafka-topics.sh" in script and "--if-not-exists" in script
     assert "BILLSTREAM_KAFKA_BOOTSTRAP" in _env_sources(docs, container)

@@ -27,21 +27,26 @@ PAYMENTS_EVENTS = service_topic("payments")
 WEBHOOK_DISPATCH_EVENTS = service_topic("webhook_dispatch")
 
 
+#: Keep every record: a consumer group rebuilt by replay (or a new one) reads the whole log.
+FOREVER = -1
+
+
 @dataclass(frozen=True, slots=True)
 class TopicSpec:
     name: str
     partitions: int
+    retention_ms: int | None = None  # None: the broker's default (7 days on Apache Kafka)
 
 
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(USAGE_RAW, 8),
-    TopicSpec(USAGE_ACCEPTED, 8),
+    TopicSpec(USAGE_ACCEPTED, 8, FOREVER),
     TopicSpec(USAGE_REJECTED, 4),
-    TopicSpec(SUBSCRIPTION_EVENTS, 4),
-    TopicSpec(METERING_EVENTS, 4),
-    TopicSpec(INVOICING_EVENTS, 4),
-    TopicSpec(PAYMENTS_EVENTS, 4),
-    TopicSpec(WEBHOOK_DISPATCH_EVENTS, 4),
+    TopicSpec(SUBSCRIPTION_EVENTS, 4, FOREVER),
+    TopicSpec(METERING_EVENTS, 4, FOREVER),
+    TopicSpec(INVOICING_EVENTS, 4, FOREVER),
+    TopicSpec(PAYMENTS_EVENTS, 4, FOREVER),
+    TopicSpec(WEBHOOK_DISPATCH_EVENTS, 4, FOREVER),
     TopicSpec(DEAD_LETTER, 1),
     TopicSpec(HEARTBEAT, 1),
 )

@@ -307,6 +307,8 @@ class LocalStack:
             "BILLSTREAM_ADMIN_TOKEN": self.admin_token,
             "BILLSTREAM_LOG_LEVEL": self._log_level,
             "BILLSTREAM_PUBLIC_BASE_URL": self.base_url,
+            # a development stack delivers webhooks to receivers on this machine
+            "BILLSTREAM_WEBHOOK_DISPATCH_ALLOW_PRIVATE_DESTINATIONS": "true",
             **(EMBEDDED_BROKER_ENV if self.broker is not None else {}),
             **self._env_overrides,
         }

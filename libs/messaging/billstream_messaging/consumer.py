@@ -7,11 +7,16 @@ For each consumed batch, in one Postgres transaction:
      read-model changes and any events it appends commit with the inbox rows;
   3. commit, and only then commit the Kafka offsets (manual ack).
 
-A handler that keeps failing (`consumer_max_attempts` tries, with backoff) sends its message
-to `billstream.dlq` with the reason, and the inbox records it as dead-lettered so the partition
-moves on. Database and network failures are not the message's fault: the whole batch is retried
-until they pass, never dead-lettered, and nothing is acknowledged meanwhile. Event types the
-consumer has no handler for are counted and skipped.
+Failures:
+- A handler that raises rolls the whole batch back; the batch is retried after a backoff taken
+  outside any transaction. After `consumer_max_attempts` failures of the same event, the batch
+  is applied once more with that event sent to `billstream.dlq` (reason in the headers, a row
+  in `dead_letters`, the inbox marking it dead-lettered), so the partition moves on.
+- Database, network and broker failures are not the message's fault (`TRANSIENT_ERRORS`): the
+  batch is retried until they pass, never dead-lettered, and nothing is acknowledged meanwhile.
+- Anything else that escapes seeks the consumer back to the batch's first records (nack) before
+  re-raising, so a later acknowledgement can never commit past an unapplied record.
+Event types the consumer has no handler for are counted and skipped.
 """
 
 from __future__ import annotations
@@ -19,11 +24,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
-import orjson
 import structlog
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
@@ -38,16 +42,29 @@ from billstream_runtime.metrics import Metrics
 from billstream_runtime.settings import ServiceSettings
 from billstream_runtime.telemetry import context_from_carrier
 
+#: Failures of the infrastructure, not of the message: retried until they pass.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
+    KafkaError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
+    asyncpg.OperatorInterventionError,  # query cancelled, admin shutdown, crash shutdown
+    asyncpg.InsufficientResourcesError,  # disk full, out of memory, too many connections
+    asyncpg.ReadOnlySQLTransactionError,  # a failover left us on a replica
+    asyncpg.LockNotAvailableError,
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
-    asyncpg.TooManyConnectionsError,
 )
+
+
+class _HandlerFailed(Exception):
+    def __init__(self, event_id: str, event_type: str, error: BaseException) -> None:
+        super().__init__(f"{event_type} {event_id}: {error!r}")
+        self.event_id = event_id
+        self.event_type = event_type
+        self.error = error
 
 
 @dataclass(slots=True)
@@ -124,13 +141,23 @@ class EventConsumer:
     async def _on_batch(self, _bodies: list[bytes], message: KafkaMessage) -> None:
         raw = message.raw_message
         records: tuple[ConsumerRecord, ...] = raw if isinstance(raw, tuple) else (raw,)
-        await self.apply(records)
+        try:
+            await self.apply(records)
+        except BaseException as exc:
+            # Never leave the consumer's position past records that were not applied: a later
+            # ack commits the current position.
+            await message.nack()
+            if not isinstance(exc, asyncio.CancelledError):
+                self._log.error("batch_failed", error=repr(exc), records=len(records))
+                await asyncio.sleep(1.0)
+            raise
         await message.ack()
         self.batches += 1
 
     # -- applying ----------------------------------------------------------------------------
     async def apply(self, records: Iterable[ConsumerRecord]) -> None:
-        """Apply a batch with exactly-once effect; retries transient failures until they pass."""
+        """Apply a batch with exactly-once effect; retries transient failures until they pass,
+        dead-letters an event whose handler keeps failing."""
         parsed: list[tuple[ConsumerRecord, Envelope]] = []
         malformed: list[tuple[ConsumerRecord, str]] = []
         for rec in records:
@@ -138,18 +165,28 @@ class EventConsumer:
                 parsed.append((rec, Envelope.model_validate_json(rec.value)))
             except (ValidationError, ValueError, TypeError) as exc:
                 malformed.append((rec, f"malformed envelope: {exc}"))
+        attempts: dict[str, int] = {}
+        poison: dict[str, str] = {}
         backoff = self._settings.consumer_retry_backoff_s
         while True:
             try:
                 with self._metrics.consumer_batch.labels(self.name).time():
-                    await self._apply_once(parsed, malformed)
+                    await self._apply_once(parsed, malformed, poison)
                 return
+            except _HandlerFailed as failed:
+                n = attempts[failed.event_id] = attempts.get(failed.event_id, 0) + 1
+                self._log.warning("handler_failed", event_id=failed.event_id,
+                                  type=failed.event_type, attempt=n, error=repr(failed.error))
+                if n >= self._settings.consumer_max_attempts:
+                    poison[failed.event_id] = f"handler failed: {failed.error!r}"
+                else:
+                    await asyncio.sleep(self._settings.consumer_retry_backoff_s * n)
             except TRANSIENT_ERRORS as exc:
                 self._log.warning("consumer_transient_error", error=repr(exc), retry_in_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _apply_once(self, parsed, malformed) -> None:
+    async def _apply_once(self, parsed, malformed, poison: dict[str, str]) -> None:
         assert self._pool is not None
         outcomes: dict[str, int] = {}
         async with self._pool.acquire() as conn, conn.transaction():
@@ -157,9 +194,9 @@ class EventConsumer:
                 await self._dead_letter(conn, rec, None, reason)
                 outcomes["dead_lettered"] = outcomes.get("dead_lettered", 0) + 1
             handled = [(rec, env) for rec, env in parsed if env.type in self.handlers]
-            for _rec, env in parsed:
-                if env.type not in self.handlers:
-                    outcomes["unknown_type"] = outcomes.get("unknown_type", 0) + 1
+            unknown = len(parsed) - len(handled)
+            if unknown:
+                outcomes["unknown_type"] = unknown
             new_ids: set[str] = set()
             if handled:
                 rows = await conn.fetch(
@@ -181,40 +218,35 @@ class EventConsumer:
                     outcomes["duplicate"] = outcomes.get("duplicate", 0) + 1
                     continue
                 new_ids.discard(env.id)  # the same event twice in one batch applies once
-                outcome = await self._apply_event(conn, rec, env)
-                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                if env.id in poison:
+                    await self._dead_letter(conn, rec, env, poison[env.id])
+                    await conn.execute(
+                        "UPDATE inbox SET status = 'dead_lettered'"
+                        " WHERE consumer = $1 AND event_id = $2", self.name, env.id,
+                    )
+                    outcomes["dead_lettered"] = outcomes.get("dead_lettered", 0) + 1
+                    continue
+                await self._apply_event(conn, rec, env)
+                outcomes["applied"] = outcomes.get("applied", 0) + 1
         for outcome, n in outcomes.items():
             self._metrics.events_consumed.labels(self.name, outcome).inc(n)
 
-    async def _apply_event(self, conn, rec: ConsumerRecord, env: Envelope) -> str:
+    async def _apply_event(self, conn, rec: ConsumerRecord, env: Envelope) -> None:
         handler = self.handlers[env.type]
         carrier = {k: v.decode("latin-1") for k, v in (rec.headers or ())}
-        last_error: BaseException | None = None
         with self._tracer.start_as_current_span(
             f"consume {env.type}", context=context_from_carrier(carrier), kind=SpanKind.CONSUMER,
             attributes={"messaging.destination": rec.topic, "billstream.event_id": env.id,
                         "billstream.consumer": self.name},
         ):
-            for attempt in range(1, self._settings.consumer_max_attempts + 1):
-                try:
-                    data = parse_data(env.type, env.version, env.data)
-                    async with conn.transaction():
-                        await handler(EventContext(conn, env, data, self._store))
-                    return "applied"
-                except TRANSIENT_ERRORS:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - a handler failure, counted per attempt
-                    last_error = exc
-                    self._log.warning("handler_failed", event_id=env.id, type=env.type,
-                                      attempt=attempt, error=repr(exc))
-                    if attempt < self._settings.consumer_max_attempts:
-                        await asyncio.sleep(self._settings.consumer_retry_backoff_s * attempt)
-        await self._dead_letter(conn, rec, env, f"handler failed: {last_error!r}")
-        await conn.execute(
-            "UPDATE inbox SET status = 'dead_lettered' WHERE consumer = $1 AND event_id = $2",
-            self.name, env.id,
-        )
-        return "dead_lettered"
+            try:
+                data = parse_data(env.type, env.version, env.data)
+                async with conn.transaction():
+                    await handler(EventContext(conn, env, data, self._store))
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the handler's failure: retry, then DLQ
+                raise _HandlerFailed(env.id, env.type, exc) from exc
 
     async def _dead_letter(self, conn, rec: ConsumerRecord, env: Envelope | None,
                            reason: str) -> None:
@@ -235,6 +267,3 @@ class EventConsumer:
         )
         self._log.error("dead_lettered", topic=rec.topic, offset=rec.offset, reason=reason)
 
-
-def data_as_dict(data: Any) -> dict:
-    return orjson.loads(orjson.dumps(data)) if not isinstance(data, dict) else data

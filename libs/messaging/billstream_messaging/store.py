@@ -120,12 +120,3 @@ class EventStore:
         await conn.execute("SELECT pg_notify($1, '')", self.channel)
         return envelopes
 
-
-def envelope_from_row(source: str, row: asyncpg.Record) -> Envelope:
-    return Envelope(
-        id=row["id"], type=row["type"], version=row["version"], tenant_id=row["tenant_id"],
-        environment=row["environment"], occurred_at=row["occurred_at"],
-        recorded_at=row["recorded_at"], source=source, sequence=row["seq"],
-        aggregate_type=row["aggregate_type"], aggregate_id=row["aggregate_id"],
-        correlation_id=row["correlation_id"], causation_id=row["causation_id"], data=row["data"],
-    )

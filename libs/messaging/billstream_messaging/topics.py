@@ -39,13 +39,16 @@ async def ensure_topics(
 
     Idempotent. Retries while the broker is still starting, for up to `timeout` seconds.
     """
-    wanted = {spec.name: spec.partitions for spec in topics}
+    specs = list(topics)
+    wanted = {spec.name: spec.partitions for spec in specs}
     admin = await _connected_admin(bootstrap, timeout)
     try:
         existing = set(await admin.list_topics())
         missing = [
-            NewTopic(name, n, replication_factor) for name, n in wanted.items()
-            if name not in existing
+            NewTopic(spec.name, spec.partitions, replication_factor, topic_configs=(
+                {"retention.ms": str(spec.retention_ms)} if spec.retention_ms is not None else {}
+            ))
+            for spec in specs if spec.name not in existing
         ]
         if missing:
             response = await admin.create_topics(missing)

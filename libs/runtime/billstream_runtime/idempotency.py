@@ -6,9 +6,11 @@
 - same key while the first request is still running: 409 `idempotency_key_in_use`.
 
 Keys are scoped to the tenant and environment of the API key. The key is reserved in its own
-committed row before the handler runs, so a concurrent duplicate sees it. A 5xx answer releases
-the key so that the client can retry; an `in_progress` row older than `abandon_after_s` (a
-process that died mid-request) may be taken over by a retry.
+committed row before the handler runs, so a concurrent duplicate sees it. Once the endpoint has
+run, its response is stored and replayed whatever it was, a 5xx included (as Stripe does): the
+endpoint may have committed its effect before failing, so running it again could apply it twice.
+Only refusals that ran nothing (429, 503) release the key. A key whose request died with its
+process stays `in_progress` (409) rather than being taken over: the effect may have committed.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import hashlib
 from collections.abc import Awaitable, Callable
 
 import asyncpg
-import orjson
 
-from billstream_runtime.auth import Authenticator, bearer_token
+from billstream_runtime.auth import Authenticator, admin_token_matches, bearer_token
 from billstream_runtime.errors import ApiError, InvalidRequest, Unprocessable, Conflict
 
 MAX_KEY_LENGTH = 255
+#: Answers that mean the endpoint did not run: the key is released for a retry.
+_NOT_EXECUTED = frozenset({429, 503})
 #: The layer reads the body to hash it; larger bodies are refused before they are buffered.
 MAX_BODY_BYTES = 10 * 1024 * 1024
 #: A response carrying secrets that are shown once (API keys) sets this header: the layer then
@@ -41,14 +44,12 @@ class IdempotencyMiddleware:
         authenticator: Callable[[], Authenticator],
         admin_token: Callable[[], str],
         error_response: Callable[[ApiError], Awaitable[tuple[int, list, bytes]]],
-        abandon_after_s: int = 60,
     ) -> None:
         self.app = app
         self._pool = pool
         self._auth = authenticator
         self._admin_token = admin_token
         self._error_response = error_response
-        self._abandon_after_s = abandon_after_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -78,7 +79,7 @@ class IdempotencyMiddleware:
             raise _too_large()
         token = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
         if scope["path"].startswith("/admin"):
-            if token != self._admin_token():
+            if not admin_token_matches(token, self._admin_token()):
                 # let the endpoint produce the proper 401
                 return await self.app(scope, _replay(body), send)
             tenant, env = "_admin", "live"
@@ -94,14 +95,10 @@ class IdempotencyMiddleware:
             """
             INSERT INTO idempotency_keys (tenant_id, environment, key, request_hash, status)
             VALUES ($1, $2, $3, $4, 'in_progress')
-            ON CONFLICT (tenant_id, environment, key) DO UPDATE
-               SET created_at = now()
-             WHERE idempotency_keys.status = 'in_progress'
-               AND idempotency_keys.request_hash = EXCLUDED.request_hash
-               AND idempotency_keys.created_at < now() - make_interval(secs => $5)
+            ON CONFLICT (tenant_id, environment, key) DO NOTHING
             RETURNING true
             """,
-            tenant, env, key, request_hash, self._abandon_after_s,
+            tenant, env, key, request_hash,
         )
         if not reserved:
             row = await pool.fetchrow(
@@ -132,11 +129,12 @@ class IdempotencyMiddleware:
             stored.append((b"idempotent-replayed", b"true"))
             return await _send(send, row["response_status"], stored, bytes(row["response_body"]))
 
-        captured: dict = {"status": 500, "headers": [], "body": bytearray()}
+        captured: dict = {"status": 500, "headers": [], "body": bytearray(), "status_sent": False}
 
         async def capture(message):
             if message["type"] == "http.response.start":
                 captured["status"] = message["status"]
+                captured["status_sent"] = True
                 captured["headers"] = message.get("headers", [])
             elif message["type"] == "http.response.body":
                 captured["body"] += message.get("body", b"")
@@ -145,11 +143,23 @@ class IdempotencyMiddleware:
         try:
             await self.app(scope, _replay(body), capture)
         except BaseException:
-            await self._release(pool, tenant, env, key)
+            # The endpoint started and may have committed its effect before failing: keep the
+            # answer the client gets (the error shape's 500) so that a retry cannot apply it
+            # a second time.
+            if not captured["status_sent"]:
+                status, headers, error_body = await self._error_response(ApiError(
+                    "internal_error", "An internal error occurred; it has been logged",
+                    status=500))
+                captured.update(status=status, headers=headers, body=bytearray(error_body))
+            await self._store(pool, tenant, env, key, captured)
             raise
-        if captured["status"] >= 500:
+        if captured["status"] in _NOT_EXECUTED:
             await self._release(pool, tenant, env, key)
             return
+        await self._store(pool, tenant, env, key, captured)
+
+    @staticmethod
+    async def _store(pool, tenant, env, key, captured) -> None:
         kept = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in captured["headers"]
@@ -222,6 +232,3 @@ async def _send(send, status: int, headers: list, body: bytes) -> None:
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
     await send({"type": "http.response.body", "body": body})
 
-
-def dumps(obj) -> bytes:
-    return orjson.dumps(obj)

@@ -10,7 +10,7 @@ from billstream_metering import domain, repository, service
 from billstream_metering.schemas import Usage
 from billstream_runtime.auth import AuthContext
 from billstream_runtime.errors import InvalidRequest, NotFound
-from billstream_runtime.http import AnyKey, wait_for
+from billstream_runtime.http import SecretKey, wait_for
 
 router = APIRouter(tags=["usage"])
 
@@ -23,7 +23,7 @@ async def get_usage(
     meter: str = Query(..., min_length=1, description="The meter's code"),
     from_: str | None = Query(None, alias="from", description="Inclusive, RFC 3339"),
     to: str | None = Query(None, description="Exclusive, RFC 3339"),
-    ctx: AuthContext = AnyKey,
+    ctx: AuthContext = SecretKey,
 ):
     start, end = _timestamp(from_, "from"), _timestamp(to, "to")
     if start and end and start >= end:

@@ -279,9 +279,22 @@ async def advance_watermark(conn: asyncpg.Connection, consumer: str, source: str
 
 
 async def claim_due_close(conn: asyncpg.Connection, source: str, watermark: int):
+    """The next close whose preceding usage is applied, locked for this transaction. A close
+    waits while an earlier close of the same subscription is pending (even one another replica
+    is summarizing right now): the sweep of a period must not run before its predecessor's."""
     return await conn.fetchrow(
-        "SELECT * FROM pending_closes WHERE source = $1 AND required_seq <= $2"
-        " ORDER BY required_seq LIMIT 1 FOR UPDATE SKIP LOCKED",
+        """
+        SELECT p.* FROM pending_closes p
+         WHERE p.source = $1 AND p.required_seq <= $2
+           AND NOT EXISTS (
+               SELECT 1 FROM pending_closes e
+                WHERE e.tenant_id = p.tenant_id AND e.environment = p.environment
+                  AND e.data -> 'subscription' ->> 'subscription_id'
+                      = p.data -> 'subscription' ->> 'subscription_id'
+                  AND e.required_seq < p.required_seq)
+         ORDER BY p.required_seq LIMIT 1
+           FOR UPDATE SKIP LOCKED
+        """,
         source, watermark,
     )
 

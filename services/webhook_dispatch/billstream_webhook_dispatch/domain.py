@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
+import ipaddress
 from urllib.parse import urlsplit
 
 import orjson
@@ -144,7 +145,18 @@ def validate_enabled_events(values: Sequence[str], public_types: Iterable[str]) 
     return result
 
 
-def validate_url(url: str) -> str:
+def is_public_address(address: str) -> bool:
+    """True for a globally routable IP address: not loopback, private, link-local (cloud
+    metadata lives there), multicast, reserved or unspecified."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def validate_url(url: str, *, allow_private: bool = False) -> str:
+    """An absolute http(s) URL; unless `allow_private`, its host may not be a non-public IP
+    literal (names are checked when each delivery resolves them: see tasks.HttpSender)."""
     url = url.strip()
     parts = urlsplit(url)
     if (
@@ -155,6 +167,19 @@ def validate_url(url: str) -> str:
         raise InvalidRequest(
             "url_invalid", "url must be an absolute http or https URL", param="url"
         )
+    if not allow_private:
+        try:
+            literal = ipaddress.ip_address(parts.hostname)
+        except ValueError:
+            literal = None
+        if literal is not None and not is_public_address(str(literal)) or (
+            parts.hostname.lower() in ("localhost", "localhost.localdomain")
+        ):
+            raise InvalidRequest(
+                "url_not_allowed",
+                "url must point to a public address (loopback, private and link-local "
+                "addresses are refused)", param="url",
+            )
     return url
 
 

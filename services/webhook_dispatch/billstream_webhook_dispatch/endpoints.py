@@ -98,7 +98,9 @@ def _attempt(row: asyncpg.Record) -> dict[str, Any]:
 async def create_webhook_endpoint(body: WebhookEndpointCreate, request: Request,
                                   auth: AuthContext = SecretKey):
     """Create an endpoint. Its signing `secret` is in this response only."""
-    row = await service.create_endpoint(_pool(request), auth, body)
+    row = await service.create_endpoint(
+        _pool(request), auth, body,
+        allow_private=request.app.state.settings.allow_private_destinations)
     return _endpoint(row, with_secret=True)
 
 

@@ -149,9 +149,10 @@ async def get_event(pool: asyncpg.Pool, auth: AuthContext, event_id: str,
 
 
 async def create_endpoint(
-    pool: asyncpg.Pool, auth: AuthContext, req: WebhookEndpointCreate
+    pool: asyncpg.Pool, auth: AuthContext, req: WebhookEndpointCreate,
+    *, allow_private: bool = False,
 ) -> asyncpg.Record:
-    url = validate_url(req.url)
+    url = validate_url(req.url, allow_private=allow_private)
     enabled_events = validate_enabled_events(req.enabled_events, public_event_types())
     description = validate_description(req.description)
     return await repo.insert_endpoint(

@@ -31,6 +31,9 @@ class WebhookDispatchSettings(ServiceSettings):
     delivery_lease_s: float = 60.0
     # Fallback poll of the delivery worker (new deliveries wake it through pg_notify).
     delivery_poll_interval_s: float = 1.0
+    # Endpoints must resolve to public addresses (no loopback, private or link-local targets:
+    # the worker posts from inside your network). The local stack allows them for development.
+    allow_private_destinations: bool = False
 
     @model_validator(mode="after")
     def _lease_outlives_attempt(self) -> "WebhookDispatchSettings":

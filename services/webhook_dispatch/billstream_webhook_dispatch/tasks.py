@@ -23,9 +23,11 @@ is due (at most `delivery_poll_interval_s`).
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -35,7 +37,13 @@ from opentelemetry.trace import SpanKind
 
 from billstream_messaging.consumer import TRANSIENT_ERRORS
 from billstream_webhook_dispatch import service
-from billstream_webhook_dispatch.domain import AttemptOutcome, AttemptResult, Claim, webhook_headers
+from billstream_webhook_dispatch.domain import (
+    AttemptOutcome,
+    AttemptResult,
+    Claim,
+    is_public_address,
+    webhook_headers,
+)
 from billstream_webhook_dispatch.repository import DELIVERY_CHANNEL
 from billstream_webhook_dispatch.service import DispatchMetrics, dispatch_metrics
 from billstream_webhook_dispatch.settings import WebhookDispatchSettings
@@ -59,8 +67,10 @@ class HttpSender:
     """POSTs with httpx: a total timeout, no redirects (a 3xx is a failed attempt), and only the
     first bytes of the answer read."""
 
-    def __init__(self, *, timeout_s: float, max_connections: int) -> None:
+    def __init__(self, *, timeout_s: float, max_connections: int,
+                 allow_private: bool = False) -> None:
         self._timeout_s = timeout_s
+        self._allow_private = allow_private
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s),
             follow_redirects=False,
@@ -75,6 +85,8 @@ class HttpSender:
         error: str | None = None
         try:
             async with asyncio.timeout(self._timeout_s):
+                if not self._allow_private:
+                    await _refuse_private_destination(url)
                 async with self._client.stream("POST", url, content=body,
                                                headers=dict(headers)) as response:
                     status = response.status_code
@@ -91,6 +103,23 @@ class HttpSender:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class DestinationNotAllowed(Exception):
+    pass
+
+
+async def _refuse_private_destination(url: str) -> None:
+    """Resolve the endpoint's host now and refuse it if any address is not public (a name that
+    points into the network the worker runs in). A resolver answering differently between this
+    check and the connection (DNS rebinding) is not covered; an egress proxy is the complete
+    answer."""
+    host = urlsplit(url).hostname or ""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    addresses = {info[4][0] for info in infos}
+    private = sorted(a for a in addresses if not is_public_address(a))
+    if private:
+        raise DestinationNotAllowed(f"{host} resolves to non-public address {private[0]}")
 
 
 async def _read_prefix(response: httpx.Response, limit: int) -> str:
@@ -260,7 +289,8 @@ async def deliver_webhooks(host: ServiceHost) -> None:
     assert host.pool is not None
     injected: WebhookSender | None = getattr(host.app.state, "webhook_sender", None)
     sender = injected or HttpSender(timeout_s=settings.delivery_timeout_s,
-                                    max_connections=settings.delivery_concurrency)
+                                    max_connections=settings.delivery_concurrency,
+                                    allow_private=settings.allow_private_destinations)
     worker = DeliveryWorker(pool=host.pool, settings=settings, sender=sender,
                             metrics=dispatch_metrics(host.metrics))
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
 import httpx
 import orjson
 import pytest
@@ -39,7 +40,8 @@ def notes_router() -> APIRouter:
     async def create_note(request: Request, ctx: AuthContext = SecretKey):
         body = await request.json()
         if body.get("explode"):
-            raise RuntimeError("boom")  # a 5xx: releases the idempotency key
+            EXPLODED["n"] += 1
+            raise RuntimeError("boom")
         note_id = new_id("note")
         pool, store = request.app.state.pool, request.app.state.store
         async with pool.acquire() as conn, conn.transaction():
@@ -54,6 +56,19 @@ def notes_router() -> APIRouter:
     return router
 
 
+FLAKY: dict[str, int] = {}
+EXPLODED = {"n": 0}
+
+
+async def flaky_note(ctx: EventContext) -> None:
+    """Fails twice with a cancelled query (the database's fault, not the event's), then works."""
+    note = ctx.envelope.data["note_id"]
+    FLAKY[note] = FLAKY.get(note, 0) + 1
+    if FLAKY[note] <= 2:
+        raise asyncpg.QueryCanceledError("canceling statement due to statement timeout")
+    await count_note(ctx)
+
+
 async def count_note(ctx: EventContext) -> None:
     if ctx.envelope.data["text"] == "poison":
         raise ValueError("this note can never be applied")
@@ -66,7 +81,7 @@ def build_host(dsn: str, bootstrap: str, topic: str, group_prefix: str) -> Servi
     settings = load_settings("notes", environ=service_env(
         "notes", dsn, bootstrap, consumer_group_prefix=group_prefix, consumer_max_attempts=2))
     store = EventStore("notes", topic=topic)
-    consumer = EventConsumer(name="counter", topics=[topic], handlers={"note.created": count_note},
+    consumer = EventConsumer(name="counter", topics=[topic], handlers={"note.created": count_note, "note.flaky": flaky_note},
                              settings=settings, metrics=None, store=store)  # type: ignore[arg-type]
     host = ServiceHost(settings=settings, title="notes", migrations=MIGRATIONS,
                        routers=[notes_router()], consumers=[consumer], store=store,
@@ -155,7 +170,46 @@ async def test_unknown_types_are_counted_and_skipped_and_poison_goes_to_dlq(host
     assert b"never be applied" in headers["dlq_reason"]
 
 
-async def test_idempotency_key_replays_rejects_and_releases(host):
+async def test_a_transient_error_in_a_handler_is_retried_never_dead_lettered(host):
+    consumer = host.consumers[0]
+    async with host.pool.acquire() as conn, conn.transaction():
+        await host.store.append(conn, [NewEvent(
+            {"note_id": "flaky-1", "text": "x"}, type="note.flaky", tenant_id="ten_1",
+            environment="test", aggregate_type="note", aggregate_id="flaky-1",
+            occurred_at=datetime.now(UTC))])
+    await eventually(lambda: _eq(counted(host), 1), message="applied after two failures")
+    assert FLAKY["flaky-1"] == 3  # consumer_max_attempts is 2 here: transient never counts
+    assert await host.pool.fetchval("SELECT count(*) FROM dead_letters") == 0
+    assert consumer.handlers["note.flaky"] is flaky_note
+
+
+async def test_an_unexpected_failure_never_skips_the_batch(host):
+    """A failure outside any handler (here: the dead-letter path itself) rewinds the consumer,
+    so the batch is applied later instead of being committed past."""
+    consumer = host.consumers[0]
+    real = consumer._dead_letter
+    failures = {"left": 1}
+
+    async def broken_once(*args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("dead-letter store unavailable")
+        return await real(*args, **kwargs)
+
+    consumer._dead_letter = broken_once
+    async with host.pool.acquire() as conn, conn.transaction():
+        await host.store.append(conn, [NewEvent(
+            {"note_id": f"u{i}", "text": "poison" if i == 3 else "ok"}, type="note.created",
+            tenant_id="ten_1", environment="test", aggregate_type="note", aggregate_id=f"u{i}",
+            occurred_at=datetime.now(UTC)) for i in range(8)])
+    await eventually(lambda: _eq(counted(host), 7), message="every good note applied once")
+    await eventually(lambda: host.pool.fetchval("SELECT count(*) FROM dead_letters"))
+    assert failures["left"] == 0
+    assert await counted(host) == 7
+    assert await host.pool.fetchval("SELECT count(*) FROM dead_letters") == 1
+
+
+async def test_idempotency_key_replays_rejects_and_keeps_a_failed_answer(host):
     async with client(host) as c:
         h = {"Idempotency-Key": "k-1"}
         first = await c.post("/v1/notes", json={"text": "a"}, headers=h)
@@ -171,9 +225,16 @@ async def test_idempotency_key_replays_rejects_and_releases(host):
                             headers={"Idempotency-Key": "k-2"})
         assert boom.status_code == 500
         assert boom.json()["error"]["type"] == "api_error"
+        # The endpoint ran (it may have committed before failing): its answer is kept, so a
+        # retry with the same key replays it instead of running the endpoint again.
+        again = await c.post("/v1/notes", json={"text": "c", "explode": True},
+                             headers={"Idempotency-Key": "k-2"})
+        assert again.status_code == 500 and again.headers["idempotent-replayed"] == "true"
+        assert again.json()["error"]["code"] == "internal_error"
+    assert EXPLODED["n"] == 1
     assert await host.pool.fetchval("SELECT count(*) FROM notes") == 1
     assert await host.pool.fetchval(
-        "SELECT count(*) FROM idempotency_keys WHERE key = 'k-2'") == 0
+        "SELECT status FROM idempotency_keys WHERE key = 'k-2'") == "done"
 
 
 async def test_concurrent_duplicate_gets_409(host):

@@ -14,6 +14,7 @@ from billstream_testing.events import envelope, publish
 from billstream_testing.fixtures import unique
 from billstream_testing.waiting import eventually
 from metering_harness import (
+    closed,
     Metering,
     metering_settings,
     period_ended,
@@ -86,8 +87,9 @@ async def test_usage_query_counts_each_event_once(metering: Metering):
     assert r.status_code == 400 and r.json()["error"]["code"] == "parameter_missing"
     publishable = await metering.add_key("publishable")
     async with metering.client(publishable) as c:
+        # usage is merchant data: publishable keys only read entitlements and start checkouts
         r = await c.get("/v1/usage", params={"customer": "acme-1", "meter": "hits"})
-        assert r.status_code == 200 and r.json()["value"] == "2"
+        assert r.status_code == 403 and r.json()["error"]["code"] == "secret_key_required"
 
 
 async def test_customer_and_meter_arriving_after_their_usage(metering: Metering):
@@ -256,3 +258,29 @@ async def test_a_close_waits_for_every_usage_event_before_it_in_the_log(metering
     assert summary["data"]["usage"] == [
         {"charge_id": "ch_api_calls", "meter": "api_calls", "quantity": "42", "usage_count": 6}]
     assert await waiting() == 0
+
+
+async def test_a_later_close_waits_for_an_earlier_one_being_summarized(metering):
+    """Two replicas: while one holds January's close, the other must not take February's."""
+    from billstream_metering import repository
+
+    await metering.create_meter("api_calls")
+    cus = await metering.create_customer("acme-r")
+    sub, pro = new_id("sub"), plan("api_calls")
+    pool = metering.host.pool
+    async with pool.acquire() as conn:
+        for start, end in ((JAN, FEB), (FEB, MAR)):
+            period = period_ended(cus, "acme-r", pro, start, end, subscription_id=sub)
+            await conn.execute(
+                "INSERT INTO pending_closes (event_id, tenant_id, environment, source,"
+                " required_seq, data) VALUES ($1, $2, 'test', 'replicas', $3, $4)",
+                new_id("evt"), metering.tenant_id, 1 if start == JAN else 2,
+                closed(period).model_dump(mode="json"))
+    async with pool.acquire() as a, a.transaction():
+        january = await repository.claim_due_close(a, "replicas", 10)
+        assert january["required_seq"] == 1
+        async with pool.acquire() as b, b.transaction():
+            assert await repository.claim_due_close(b, "replicas", 10) is None
+        await repository.delete_pending_close(a, january["event_id"])
+    async with pool.acquire() as b, b.transaction():
+        assert (await repository.claim_due_close(b, "replicas", 10))["required_seq"] == 2

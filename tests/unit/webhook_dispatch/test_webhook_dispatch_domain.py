@@ -172,7 +172,8 @@ def test_enabled_events_validation():
 
 
 def test_url_validation():
-    assert validate_url(" http://127.0.0.1:9999/hook ") == "http://127.0.0.1:9999/hook"
+    assert validate_url(" http://127.0.0.1:9999/hook ", allow_private=True) == (
+        "http://127.0.0.1:9999/hook")
     assert validate_url("https://example.com/h?x=1") == "https://example.com/h?x=1"
     for bad in ("ftp://example.com", "example.com/hook", "http://", "javascript:alert(1)",
                 "https://e.com/" + "a" * 3000):
@@ -221,3 +222,51 @@ def test_settings_from_env():
             default.delivery_timeout_s) == (10, 5.0, 10.0)
     with pytest.raises(ValueError):
         settings_from_env({"BILLSTREAM_WEBHOOK_DISPATCH_DELIVERY_LEASE_S": "5"})
+
+
+# -- destinations (SSRF guard) ---------------------------------------------------------------
+
+import pytest as _pytest  # noqa: E402
+
+from billstream_runtime.errors import InvalidRequest as _InvalidRequest  # noqa: E402
+from billstream_webhook_dispatch.domain import (  # noqa: E402
+    is_public_address as _is_public, validate_url as _validate_url,
+)
+
+
+@_pytest.mark.parametrize(("address", "public"), [
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True),
+    ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False),
+    ("169.254.169.254", False), ("::1", False), ("fd00::1", False), ("0.0.0.0", False),
+    ("::ffff:127.0.0.1", False), ("224.0.0.1", False),
+])
+def test_public_addresses(address, public):
+    assert _is_public(address) is public
+
+
+@_pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9999/hook", "http://localhost/hook", "https://169.254.169.254/latest",
+    "http://[::1]/x", "http://10.0.0.5/hook",
+])
+def test_private_destinations_are_refused_unless_allowed(url):
+    with _pytest.raises(_InvalidRequest) as err:
+        _validate_url(url)
+    assert err.value.code == "url_not_allowed" and err.value.param == "url"
+    assert _validate_url(url, allow_private=True) == url
+
+
+def test_public_destinations_are_accepted():
+    assert _validate_url("https://hooks.example.com/billstream") == (
+        "https://hooks.example.com/billstream")
+
+
+async def test_delivery_refuses_a_name_that_resolves_into_the_network():
+    from billstream_webhook_dispatch.tasks import HttpSender
+
+    sender = HttpSender(timeout_s=5, max_connections=1)
+    try:
+        result = await sender.send("http://localhost:9/hook", b"{}", {})
+    finally:
+        await sender.aclose()
+    assert result.status_code is None
+    assert "DestinationNotAllowed" in result.error and "non-public" in result.error
