@@ -16,7 +16,9 @@ Failures:
   batch is retried until they pass, never dead-lettered, and nothing is acknowledged meanwhile.
 - Anything else that escapes seeks the consumer back to the batch's first records (nack) before
   re-raising, so a later acknowledgement can never commit past an unapplied record.
-Event types the consumer has no handler for are counted and skipped.
+Event types the consumer has no handler for are counted and skipped (recorded as `skipped` in
+the inbox, so per-source progress has no holes; a later version that handles the type applies
+them when they come again).
 """
 
 from __future__ import annotations
@@ -194,9 +196,19 @@ class EventConsumer:
                 await self._dead_letter(conn, rec, None, reason)
                 outcomes["dead_lettered"] = outcomes.get("dead_lettered", 0) + 1
             handled = [(rec, env) for rec, env in parsed if env.type in self.handlers]
-            unknown = len(parsed) - len(handled)
+            unknown = [env for _, env in parsed if env.type not in self.handlers]
             if unknown:
-                outcomes["unknown_type"] = unknown
+                outcomes["unknown_type"] = len(unknown)
+                await conn.execute(
+                    """
+                    INSERT INTO inbox (consumer, event_id, source, sequence, status)
+                    SELECT $1, e.id, e.source, e.seq, 'skipped'
+                      FROM unnest($2::text[], $3::text[], $4::bigint[]) AS e(id, source, seq)
+                    ON CONFLICT (consumer, event_id) DO NOTHING
+                    """,
+                    self.name, [e.id for e in unknown], [e.source for e in unknown],
+                    [e.sequence for e in unknown],
+                )
             new_ids: set[str] = set()
             if handled:
                 rows = await conn.fetch(
@@ -204,7 +216,9 @@ class EventConsumer:
                     INSERT INTO inbox (consumer, event_id, source, sequence, status)
                     SELECT $1, e.id, e.source, e.seq, 'applied'
                       FROM unnest($2::text[], $3::text[], $4::bigint[]) AS e(id, source, seq)
-                    ON CONFLICT (consumer, event_id) DO NOTHING
+                    ON CONFLICT (consumer, event_id) DO UPDATE
+                       SET status = 'applied', processed_at = now()
+                     WHERE inbox.status = 'skipped'
                     RETURNING event_id
                     """,
                     self.name,

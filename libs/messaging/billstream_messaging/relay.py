@@ -151,6 +151,8 @@ class OutboxRelay:
             while not self._stopping.is_set():
                 if heartbeat.done():
                     heartbeat.result()  # re-raise its failure
+                if conn.is_closed():  # the advisory lock went with it: another relay may lead
+                    raise ConnectionError("relay lost its lock connection")
                 if self._reset_requested:
                     await self._republish_all()
                 self._wake.clear()

@@ -8,7 +8,7 @@ always equals the sum of the lines a customer sees.
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation, Inexact, Rounded
 
 # ISO 4217 minor-unit exponents that differ from 2.
 _EXPONENTS: dict[str, int] = {
@@ -26,6 +26,21 @@ CURRENCIES: frozenset[str] = frozenset(
 
 class MoneyError(ValueError):
     pass
+
+
+#: The largest amount an invoice line or total can hold: a PostgreSQL bigint of minor units.
+MAX_MINOR = 2**63 - 1
+#: Rating arithmetic is exact: products of quantities and prices are computed with this many
+#: significant digits (Python's default is 28) and any operation that would round is an error.
+EXACT = Context(prec=120, traps=[InvalidOperation, Inexact, Rounded])
+
+
+def multiply(quantity: Decimal, unit_price: Decimal) -> Decimal:
+    """quantity × unit price, exactly (never silently rounded)."""
+    try:
+        return EXACT.multiply(quantity, unit_price)
+    except (Inexact, Rounded, InvalidOperation) as exc:
+        raise MoneyError(f"{quantity} × {unit_price} cannot be computed exactly") from exc
 
 
 def exponent(currency: str) -> int:
@@ -53,9 +68,17 @@ def parse_decimal(value: str | int | Decimal) -> Decimal:
 
 
 def to_minor(amount: Decimal, currency: str) -> int:
-    """Round a major-unit Decimal to integer minor units, half away from zero."""
-    quantum = Decimal(1).scaleb(-exponent(currency))
-    return int((amount.quantize(quantum, rounding=ROUND_HALF_UP)).scaleb(exponent(currency)))
+    """Round a major-unit Decimal to integer minor units, half away from zero. Amounts beyond
+    MAX_MINOR minor units are refused (MoneyError) rather than overflowing."""
+    exp = exponent(currency)
+    context = Context(prec=120, rounding=ROUND_HALF_UP)
+    try:
+        minor = int(context.scaleb(amount, exp).to_integral_value(context=context))
+    except (InvalidOperation, OverflowError, ValueError) as exc:
+        raise MoneyError(f"{amount} {currency} is not a representable amount") from exc
+    if abs(minor) > MAX_MINOR:
+        raise MoneyError(f"{amount} {currency} exceeds the largest amount ({MAX_MINOR} minor units)")
+    return minor
 
 
 def format_minor(amount: int, currency: str) -> str:

@@ -38,7 +38,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Literal
 
-from billstream_runtime.money import parse_decimal, to_minor
+from billstream_runtime.money import multiply, parse_decimal, to_minor
 
 InvoiceKind = Literal["subscription_create", "subscription_cycle"]
 InvoiceStatus = Literal["draft", "open", "paid", "void", "uncollectible"]
@@ -160,7 +160,7 @@ class Invoice:
 
 def line_amount(quantity: Decimal, unit_price: Decimal, currency: str) -> int:
     """`quantity × unit_price` exactly, rounded once to minor units, half away from zero."""
-    return to_minor(quantity * unit_price, currency)
+    return to_minor(multiply(quantity, unit_price), currency)
 
 
 def decimal_str(value: Decimal) -> str:

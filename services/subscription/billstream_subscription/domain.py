@@ -256,9 +256,20 @@ def build_charge(spec: ChargeSpec, index: int, currency: str, charge_id: str) ->
                   unit_price=_non_negative(spec.unit_price, f"{p}.unit_price"))
 
 
+#: Prices beyond this (in major units) or with more decimals than this are refused: every
+#: amount an invoice can compute from them fits the ledger (see billstream_runtime.money).
+MAX_PRICE = Decimal(10) ** 12
+MAX_PRICE_DECIMALS = 12
+
+
 def _non_negative(value: Decimal, param: str) -> Decimal:
     if not value.is_finite() or value < 0:
         raise InvalidInput("parameter_invalid", f"{param} must be a decimal number >= 0", param)
+    if value > MAX_PRICE:
+        raise InvalidInput("parameter_invalid", f"{param} must be at most {MAX_PRICE:,}", param)
+    if -value.as_tuple().exponent > MAX_PRICE_DECIMALS:
+        raise InvalidInput("parameter_invalid",
+                           f"{param} may have at most {MAX_PRICE_DECIMALS} decimals", param)
     return value
 
 

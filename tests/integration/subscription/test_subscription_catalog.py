@@ -173,6 +173,11 @@ PLAN_ERRORS = [
     ({"charges": [{"type": "usage", "meter": "api_calls", "unit_price": "1",
                    "timing": "in_advance"}]}, 400, "parameter_invalid", "charges[0].timing"),
     ({"colour": "red"}, 400, "parameter_invalid", "colour"),
+    # amounts an invoice could not hold are refused up front, not a 500 (nor a stuck invoice)
+    ({"charges": [{"type": "fixed", "amount": "1E+30"}]}, 400, "parameter_invalid",
+     "charges[0].amount"),
+    ({"charges": [{"type": "usage", "meter": "api_calls", "unit_price": "0.0000000000001"}]},
+     400, "parameter_invalid", "charges[0].unit_price"),
 ]
 
 

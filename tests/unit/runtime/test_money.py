@@ -58,3 +58,19 @@ def test_currency_check():
 @given(st.integers(min_value=-10**12, max_value=10**12))
 def test_minor_round_trip(minor):
     assert to_minor(Decimal(format_minor(minor, "USD")), "USD") == minor
+
+
+def test_large_products_are_exact_and_overflow_is_refused():
+    from billstream_runtime.money import MAX_MINOR, multiply
+
+    q = Decimal("123456789012345678901234567890")
+    p = Decimal("0.000000000001")
+    exact = Decimal("123456789012345678.901234567890")
+    assert q * p != exact  # Python's default 28-digit context rounds silently
+    assert multiply(q, p) == exact
+    assert to_minor(multiply(q, p), "JPY") == 123456789012345679
+    with pytest.raises(MoneyError):
+        to_minor(multiply(q, p), "USD")  # 1.2e19 cents does not fit the ledger
+    with pytest.raises(MoneyError):
+        to_minor(Decimal(MAX_MINOR) + 1, "JPY")
+    assert to_minor(Decimal(MAX_MINOR), "JPY") == MAX_MINOR
