@@ -196,7 +196,8 @@ class EventConsumer:
                 await self._dead_letter(conn, rec, None, reason)
                 outcomes["dead_lettered"] = outcomes.get("dead_lettered", 0) + 1
             handled = [(rec, env) for rec, env in parsed if env.type in self.handlers]
-            unknown = [env for _, env in parsed if env.type not in self.handlers]
+            unknown = list({env.id: env for _, env in parsed
+                            if env.type not in self.handlers}.values())
             if unknown:
                 outcomes["unknown_type"] = len(unknown)
                 await conn.execute(
@@ -211,6 +212,8 @@ class EventConsumer:
                 )
             new_ids: set[str] = set()
             if handled:
+                # one row per event: a batch may hold the same event twice (a redelivery)
+                distinct = list({env.id: env for _, env in handled}.values())
                 rows = await conn.fetch(
                     """
                     INSERT INTO inbox (consumer, event_id, source, sequence, status)
@@ -222,9 +225,9 @@ class EventConsumer:
                     RETURNING event_id
                     """,
                     self.name,
-                    [e.id for _, e in handled],
-                    [e.source for _, e in handled],
-                    [e.sequence for _, e in handled],
+                    [e.id for e in distinct],
+                    [e.source for e in distinct],
+                    [e.sequence for e in distinct],
                 )
                 new_ids = {r["event_id"] for r in rows}
             for rec, env in handled:
