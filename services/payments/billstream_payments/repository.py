@@ -141,6 +141,16 @@ async def claim_pending(conn: asyncpg.Connection, limit: int, lease_s: float) ->
     return sorted((_payment(r) for r in rows), key=lambda p: p.payment_id)
 
 
+async def renew_lease(conn: asyncpg.Connection, payment_id: str, lease_s: float) -> bool:
+    """Extend this collector's lease on one payment right before charging it; False when the
+    lease already lapsed (another collector may hold the payment now: leave it to them)."""
+    return bool(await conn.fetchval(
+        "UPDATE payments SET locked_until = now() + make_interval(secs => $2)"
+        " WHERE id = $1 AND status = 'pending' AND locked_until > now() RETURNING true",
+        payment_id, lease_s,
+    ))
+
+
 async def settle(conn: asyncpg.Connection, p: Payment) -> bool:
     """Record the outcome of a pending payment; False if it was already settled."""
     done = await conn.fetchval(

@@ -65,6 +65,11 @@ async def collect_due(pool: asyncpg.Pool, store: EventStore, gateway: Gateway, *
         async with conn.transaction():
             leased = await repository.claim_pending(conn, batch_size, lease_s)
         for payment in leased:
+            # Charges run one after another: renew the lease of each right before its charge,
+            # so a slow gateway cannot let another collector charge it at the same time.
+            if not await repository.renew_lease(conn, payment.payment_id, lease_s):
+                log.warning("lease_lapsed", payment_id=payment.payment_id)
+                continue
             try:
                 await _collect(conn, store, gateway, payment)
             except Exception as exc:  # noqa: BLE001 - a gateway outage: retry after the delay

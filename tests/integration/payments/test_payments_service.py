@@ -305,3 +305,26 @@ async def _applied(host: ServiceHost, *event_ids: str) -> bool:
     n = await host.pool.fetchval(
         "SELECT count(*) FROM inbox WHERE event_id = ANY($1::text[])", list(event_ids))
     return n == len(event_ids)
+
+
+async def test_a_lapsed_lease_is_not_charged_by_its_former_holder(host, tenant):
+    """A collector renews each payment's lease right before charging it; once its lease has
+    lapsed (another collector may have taken the payment) it leaves the payment alone."""
+    from billstream_payments import repository
+
+    customer_id = await tenant.customer()
+    await tenant.attach(customer_id, "tok_visa")
+    inv = invoice(customer_id, 1200)
+    await finalize(tenant, inv)
+    await eventually(lambda: settled_event(host, inv.invoice_id), message="payment event")
+    [row] = await payments_of(host, inv.invoice_id)
+    async with host.pool.acquire() as conn:
+        await conn.execute("UPDATE payments SET status = 'pending', locked_until ="
+                           " now() - interval '1 second' WHERE id = $1", row["id"])
+        assert not await repository.renew_lease(conn, row["id"], 60)
+        await conn.execute("UPDATE payments SET locked_until = now() + interval '5 seconds'"
+                           " WHERE id = $1", row["id"])
+        assert await repository.renew_lease(conn, row["id"], 60)
+        lease = await conn.fetchval("SELECT locked_until - now() FROM payments WHERE id = $1",
+                                    row["id"])
+        assert lease.total_seconds() > 50
