@@ -170,9 +170,13 @@ async def apply_payment_succeeded(
         log.warning("payment_for_unpayable_invoice", invoice_id=data.invoice_id,
                     payment_id=data.payment_id, status=invoice.status if invoice else None)
         return None
-    if data.amount != invoice.amount_due or data.currency.upper() != invoice.currency:
-        log.warning("payment_amount_mismatch", invoice_id=invoice.invoice_id,
-                    amount=data.amount, currency=data.currency, amount_due=invoice.amount_due)
+    if data.currency.upper() != invoice.currency or data.amount < invoice.amount_due:
+        # Payments charges the amount due, so this is a bug somewhere: the payment is recorded
+        # above, but an invoice is never marked paid by money that does not cover it.
+        log.error("payment_does_not_cover_invoice", invoice_id=invoice.invoice_id,
+                  payment_id=data.payment_id, amount=data.amount, currency=data.currency,
+                  amount_due=invoice.amount_due, invoice_currency=invoice.currency)
+        return None
     paid = invoice.mark_paid(data.amount, env.occurred_at)
     await repository.mark_paid(conn, paid, data.payment_id)
     await store.append(conn, [_event(

@@ -354,3 +354,21 @@ async def _count(host, tenant_id, n):
 
 async def _eq(awaitable, expected):
     return (await awaitable) == expected
+
+
+async def test_a_payment_that_does_not_cover_the_invoice_leaves_it_open(host, tenant):
+    inv = await _open_invoice(host, tenant)
+    short, wrong_currency = new_id("pay"), new_id("pay")
+    at = datetime(2031, 1, 1, 0, 5, tzinfo=UTC)
+    ids = []
+    for pay_id, amount, currency in ((short, 4899, "USD"), (wrong_currency, 4900, "EUR")):
+        data = PaymentSucceeded(payment_id=pay_id, invoice_id=inv["id"],
+                                customer_id=inv["customer_id"], amount=amount,
+                                currency=currency, payment_method_id=new_id("pm"), created_at=at)
+        env = tenant.envelope(data, occurred_at=at, source="payments", aggregate_id=pay_id)
+        ids.append(env.id)
+        await publish(tenant.bootstrap, PAYMENTS_EVENTS, env)
+    await eventually(lambda: applied(host, *ids), message="both payments applied")
+    assert await host.pool.fetchval(
+        "SELECT status FROM invoices WHERE id = $1", inv["id"]) == "open"
+    assert await events_of(host, inv["id"]) == ["invoice.finalized"]
