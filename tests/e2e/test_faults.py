@@ -3,7 +3,6 @@ add up exactly: nothing lost, nothing counted twice."""
 
 from __future__ import annotations
 
-import asyncio
 from decimal import Decimal
 
 import asyncpg
@@ -122,13 +121,13 @@ async def test_broker_restarted_empty_converges_to_the_same_invoices(tmp_path):
 
 
 async def _settle(api: Api, customer_id: str) -> None:
-    """Wait until the invoice list is stable across a few reads (consumers idle)."""
-    previous = None
-    stable = 0
-    for _ in range(200):
+    """Wait until the invoice list reads the same five times in a row (consumers idle)."""
+    seen = {"previous": None, "stable": 0}
+
+    async def stable() -> bool:
         current = orjson.dumps((await api.get("/v1/invoices", customer=customer_id))["data"])
-        stable = stable + 1 if current == previous else 0
-        if stable >= 5:
-            return
-        previous = current
-        await asyncio.sleep(0.1)
+        seen["stable"] = seen["stable"] + 1 if current == seen["previous"] else 0
+        seen["previous"] = current
+        return seen["stable"] >= 5
+
+    await eventually(stable, timeout=30, interval=0.1, message="invoices stable")
