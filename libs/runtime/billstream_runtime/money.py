@@ -81,6 +81,27 @@ def to_minor(amount: Decimal, currency: str) -> int:
     return minor
 
 
+def format_decimal(value: Decimal) -> str:
+    """Normalized plain decimal string for quantities: no exponent, no trailing zeros ("1500",
+    "3.5", "0.002"), exact whatever the number of digits (Decimal.normalize would round to the
+    context's 28). Non-finite values are refused."""
+    if not value.is_finite():
+        raise MoneyError(f"{value!r} is not a finite number")
+    sign, digit_tuple, exp = value.as_tuple()
+    digits = "".join(map(str, digit_tuple)).lstrip("0")
+    if not digits:
+        return "0"
+    stripped = digits.rstrip("0")
+    exp = int(exp) + len(digits) - len(stripped)
+    if exp >= 0:
+        text = stripped + "0" * exp
+    else:
+        point = len(stripped) + exp
+        text = (stripped[:point] + "." + stripped[point:] if point > 0
+                else "0." + "0" * -point + stripped)
+    return ("-" if sign else "") + text
+
+
 def format_minor(amount: int, currency: str) -> str:
     """`4900, "USD"` → `"49.00"`."""
     exp = exponent(currency)

@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 import orjson
 
+from billstream_runtime.money import format_decimal
+
 MAX_KEY_LENGTH = 255
 MAX_REF_LENGTH = 255
 MAX_INTEGER_DIGITS = 30
@@ -243,19 +245,6 @@ def _stripped(value: Decimal) -> tuple[int, str, int]:
         return 0, "0", 0
     stripped = digits.rstrip("0")
     return sign, stripped, int(exp) + len(digits) - len(stripped)
-
-
-def format_decimal(value: Decimal) -> str:
-    """Normalized plain decimal string: no exponent, no trailing zeros ("1500", "3.5").
-    Exact whatever the number of digits (Decimal.normalize would round to 28)."""
-    sign, digits, exp = _stripped(value)
-    if exp >= 0:
-        text = digits + "0" * exp
-    else:
-        point = len(digits) + exp
-        text = (digits[:point] + "." + digits[point:] if point > 0
-                else "0." + "0" * -point + digits)
-    return ("-" if sign and text != "0" else "") + text
 
 
 def _plain_length(value: Decimal) -> int:

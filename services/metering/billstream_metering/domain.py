@@ -19,6 +19,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from billstream_contracts.events import Charge, MeterUsage
+from billstream_runtime.money import format_decimal
 
 Aggregation = Literal["sum", "count", "max"]
 DEFAULT_AGGREGATION: Aggregation = "sum"
@@ -102,24 +103,6 @@ def usage_meters(charges: Iterable[Charge]) -> list[str]:
 
 
 # ---------------------------------------------------------------- formats
-
-
-def format_decimal(value: Decimal) -> str:
-    """Normalized plain decimal string: no exponent, no trailing zeros ("1500", "3.5"), exact
-    whatever the number of digits (Decimal.normalize would round to the context's 28)."""
-    sign, digit_tuple, exp = value.as_tuple()
-    digits = "".join(map(str, digit_tuple)).lstrip("0")
-    if not digits or not isinstance(exp, int):
-        return "0"
-    stripped = digits.rstrip("0")
-    exp += len(digits) - len(stripped)
-    if exp >= 0:
-        text = stripped + "0" * exp
-    else:
-        point = len(stripped) + exp
-        text = (stripped[:point] + "." + stripped[point:] if point > 0
-                else "0." + "0" * -point + stripped)
-    return ("-" if sign else "") + text
 
 
 def parse_timestamp(value: str) -> datetime:

@@ -74,3 +74,21 @@ def test_large_products_are_exact_and_overflow_is_refused():
     with pytest.raises(MoneyError):
         to_minor(Decimal(MAX_MINOR) + 1, "JPY")
     assert to_minor(Decimal(MAX_MINOR), "JPY") == MAX_MINOR
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    ("1500", "1500"), ("1500.000", "1500"), ("1E+3", "1000"), ("0.0020", "0.002"),
+    ("-3.50", "-3.5"), ("0E-7", "0"), ("123456789012345678901234567890.123456789",
+                                       "123456789012345678901234567890.123456789"),
+])
+def test_format_decimal_is_plain_and_exact(value, text):
+    from billstream_runtime.money import format_decimal
+
+    assert format_decimal(Decimal(value)) == text
+
+
+def test_format_decimal_refuses_non_finite():
+    from billstream_runtime.money import format_decimal
+
+    with pytest.raises(MoneyError):
+        format_decimal(Decimal("NaN"))
