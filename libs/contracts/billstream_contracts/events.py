@@ -214,6 +214,37 @@ class UsagePeriodClosed(EventData):
     next_period_end: datetime | None = None
 
 
+@register
+class UsageVoided(EventData):
+    """A merchant voided an accepted usage event (by its idempotency key), on
+    `billstream.usage.accepted` after the original. The original stays in the log; metering
+    stops counting it. Only usage not yet billed in a closed period can be voided."""
+
+    event_type = "usage.voided"
+    public = False
+    correction_id: str
+    usage_id: str  # of the original usage.accepted
+    idempotency_key: str
+    reason: str | None = None
+
+
+@register
+class UsageAmended(EventData):
+    """A merchant replaced the quantity and/or properties of an accepted usage event, on
+    `billstream.usage.accepted` after the original. `quantity` and `properties` are the event's
+    new values in full (not deltas); customer, meter and timestamp never change (void and send
+    a new event for that). Only usage not yet billed in a closed period can be amended."""
+
+    event_type = "usage.amended"
+    public = False
+    correction_id: str
+    usage_id: str
+    idempotency_key: str
+    quantity: str  # decimal string, the new quantity
+    properties: dict[str, object] = {}  # the new properties
+    reason: str | None = None
+
+
 # ---------------------------------------------------------------- metering
 
 
