@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from billstream_contracts import Envelope, EventData
 from billstream_contracts.topics import service_topic
@@ -24,7 +25,7 @@ from billstream_runtime.telemetry import current_carrier
 _COLUMNS = (
     "seq", "id", "topic", "type", "version", "tenant_id", "environment", "aggregate_type",
     "aggregate_id", "occurred_at", "recorded_at", "correlation_id", "causation_id",
-    "trace_context", "data",
+    "trace_context", "data", "envelope",
 )
 _COPY_THRESHOLD = 64
 
@@ -66,16 +67,23 @@ class Cause:
 
 
 class EventStore:
-    def __init__(self, source: str, topic: str | None = None) -> None:
+    """Appends to the service's event log. Each row carries its published envelope, encoded
+    once here; `keep_data=False` (a high-volume log) skips the queryable `data` copy."""
+
+    def __init__(self, source: str, topic: str | None = None, *, keep_data: bool = True) -> None:
         self.source = source
         self.topic = topic or service_topic(source)
         self.channel = f"billstream_outbox_{source}"
+        self.keep_data = keep_data
 
     async def append(
-        self, conn: asyncpg.Connection, events: Sequence[NewEvent], cause: Cause | None = None
+        self, conn: asyncpg.Connection, events: Sequence[NewEvent], cause: Cause | None = None,
+        *, returning: bool = True,
     ) -> list[Envelope]:
         """Append `events` in the caller's transaction and wake the relay on commit.
-        Call it last in the transaction: it takes the log head lock until commit."""
+        Call it last in the transaction: it takes the log head lock until commit.
+        Returns the envelopes as written (an empty list with `returning=False`, which the
+        usage hot path uses to skip building them)."""
         if not events:
             return []
         if not conn.is_in_transaction():
@@ -90,25 +98,33 @@ class EventStore:
         carrier = current_carrier() or None
         rows = []
         envelopes = []
+        source = self.source
+        keep_data = self.keep_data
         for offset, ev in enumerate(events):
             etype, version, data = ev.resolved()
             correlation = ev.correlation_id or (cause.correlation_id if cause else None) or ev.id
             causation = ev.causation_id or (cause.event_id if cause else None)
+            encoded = orjson.dumps({
+                "id": ev.id, "type": etype, "version": version, "tenant_id": ev.tenant_id,
+                "environment": ev.environment, "occurred_at": ev.occurred_at,
+                "recorded_at": recorded_at, "source": source, "sequence": first + offset,
+                "aggregate_type": ev.aggregate_type, "aggregate_id": ev.aggregate_id,
+                "correlation_id": correlation, "causation_id": causation, "data": data,
+            }, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC)
             row = (
                 first + offset, ev.id, ev.topic or self.topic, etype, version, ev.tenant_id,
                 ev.environment, ev.aggregate_type, ev.aggregate_id, ev.occurred_at, recorded_at,
-                correlation, causation, carrier, data,
+                correlation, causation, carrier, data if keep_data else None, encoded,
             )
             rows.append(row)
-            envelopes.append(
-                Envelope(
+            if returning:
+                envelopes.append(Envelope(
                     id=ev.id, type=etype, version=version, tenant_id=ev.tenant_id,
                     environment=ev.environment, occurred_at=ev.occurred_at,
                     recorded_at=recorded_at, source=self.source, sequence=first + offset,
                     aggregate_type=ev.aggregate_type, aggregate_id=ev.aggregate_id,
                     correlation_id=correlation, causation_id=causation, data=data,
-                )
-            )
+                ))
         if n >= _COPY_THRESHOLD:
             await conn.copy_records_to_table("event_log", records=rows, columns=_COLUMNS)
         else:

@@ -17,7 +17,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 def build(settings: IngestionSettings | None = None) -> ServiceHost:
     settings = settings or load()
-    store = EventStore("ingestion", topic=USAGE_ACCEPTED)
+    # the usage log is high volume: rows keep only the published envelope (see EventStore)
+    store = EventStore("ingestion", topic=USAGE_ACCEPTED, keep_data=False)
     host = ServiceHost(
         settings=settings, title="Billstream ingestion", migrations=MIGRATIONS,
         routers=[router], store=store,

@@ -28,7 +28,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
@@ -85,6 +85,7 @@ class UsageEvent:
     timestamp: datetime | None  # None: not sent; defaults to "now" when accepted
     properties: dict[str, Any]  # JSON-safe (no Decimal, no float)
     payload_hash: str
+    quantity_text: str = ""  # the normalized decimal string of `quantity`
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,14 +152,14 @@ def parse_event(index: int, raw: Any, *, max_properties_bytes: int) -> UsageEven
     try:
         if not isinstance(raw, dict):
             raise EventError("invalid_event", "Each usage event must be a JSON object")
-        unknown = sorted(set(raw) - EVENT_FIELDS)
-        if unknown:
+        if not EVENT_FIELDS.issuperset(raw):
+            unknown = sorted(set(raw) - EVENT_FIELDS)
             raise EventError("invalid_event", f"Unknown field '{unknown[0]}'", unknown[0])
         idempotency_key = _text(raw, "idempotency_key", MAX_KEY_LENGTH)
         customer = _text(raw, "customer", MAX_REF_LENGTH)
         meter = _text(raw, "meter", MAX_REF_LENGTH)
         raw_quantity = raw.get("quantity")
-        quantity = parse_quantity(1 if raw_quantity is None else raw_quantity)
+        quantity_text = normalize_quantity(1 if raw_quantity is None else raw_quantity)
         timestamp = None
         if raw.get("timestamp") is not None:
             timestamp = parse_timestamp(raw["timestamp"], "timestamp")
@@ -167,8 +168,8 @@ def parse_event(index: int, raw: Any, *, max_properties_bytes: int) -> UsageEven
             props_raw = {}
         if not isinstance(props_raw, dict):
             raise EventError("invalid_event", "properties must be a JSON object", "properties")
-        properties = json_safe(props_raw, "properties")
-        size = len(canonical_json(properties))
+        properties = json_safe(props_raw, "properties") if props_raw else {}
+        size = len(canonical_json(properties)) if properties else 2
         if size > max_properties_bytes:
             raise EventError("properties_too_large",
                              f"properties serialize to {size} bytes; at most "
@@ -177,8 +178,9 @@ def parse_event(index: int, raw: Any, *, max_properties_bytes: int) -> UsageEven
         return rejected(index, key, err.code, err.message, err.param)
     return UsageEvent(
         index=index, idempotency_key=idempotency_key, customer=customer, meter=meter,
-        quantity=quantity, timestamp=timestamp, properties=properties,
-        payload_hash=payload_hash(customer, meter, quantity, timestamp, properties),
+        quantity=Decimal(quantity_text), timestamp=timestamp, properties=properties,
+        payload_hash=payload_hash(customer, meter, quantity_text, timestamp, properties),
+        quantity_text=quantity_text,
     )
 
 
@@ -191,6 +193,20 @@ def _text(raw: Mapping[str, Any], name: str, max_length: int) -> str:
     if not value or len(value) > max_length:
         raise EventError("invalid_event", f"{name} must be 1 to {max_length} characters", name)
     return value
+
+
+#: Quantities already written the normalized way ("1", "1500", "3.5"): taken as they are.
+_CANONICAL_QUANTITY = re.compile(r"^(0|[1-9][0-9]{0,29})(\.[0-9]{0,19}[1-9])?$")
+
+
+def normalize_quantity(value: Any) -> str:
+    """The normalized decimal string of a quantity (see parse_quantity). The common shapes (a
+    small JSON integer, an already normalized string) skip the Decimal round trip."""
+    if type(value) is int and 0 <= value < 10**MAX_INTEGER_DIGITS:
+        return str(value)
+    if type(value) is str and _CANONICAL_QUANTITY.match(value):
+        return value
+    return format_decimal(parse_quantity(value))
 
 
 def parse_quantity(value: Any) -> Decimal:
@@ -237,6 +253,25 @@ def parse_timestamp(value: Any, param: str) -> datetime:
     return parsed.astimezone(UTC)
 
 
+def window_error(timestamp: datetime, now: datetime, window: timedelta,
+                 future: timedelta) -> EventError | None:
+    """Why `timestamp` is outside the accepted window around `now`, or None. The window is
+    the dedup window: an event older than it could be a resend whose key has expired."""
+    if timestamp < now - window:
+        return EventError(
+            "timestamp_out_of_window",
+            f"timestamp {format_timestamp(timestamp)} is older than the {window.days}-day "
+            f"window (events must be at or after {format_timestamp(now - window)})",
+            "timestamp")
+    if timestamp > now + future:
+        return EventError(
+            "timestamp_out_of_window",
+            f"timestamp {format_timestamp(timestamp)} is more than "
+            f"{int(future.total_seconds())} s in the future (now is {format_timestamp(now)})",
+            "timestamp")
+    return None
+
+
 def _stripped(value: Decimal) -> tuple[int, str, int]:
     """(sign, significant digits without trailing zeros, exponent), exactly (no context)."""
     sign, digit_tuple, exp = value.as_tuple()
@@ -274,21 +309,24 @@ def json_safe(value: Any, path: str) -> Any:
 
 
 def canonical_json(value: Any) -> bytes:
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    """Sorted keys; datetimes as RFC 3339 UTC with "Z" (as format_timestamp writes them)."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_UTC_Z)
 
 
 def format_timestamp(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def payload_hash(customer: str, meter: str, quantity: Decimal, timestamp: datetime | None,
-                 properties: Mapping[str, Any]) -> str:
-    """What "the same event" means for an idempotency key (see the module docstring)."""
+def payload_hash(customer: str, meter: str, quantity: Decimal | str,
+                 timestamp: datetime | None, properties: Mapping[str, Any]) -> str:
+    """What "the same event" means for an idempotency key (see the module docstring).
+    `quantity` is a Decimal or its normalized string (normalize_quantity); the timestamp is
+    hashed as its UTC instant (canonical_json writes it like format_timestamp)."""
     canonical = canonical_json({
         "customer": customer,
         "meter": meter,
-        "quantity": format_decimal(quantity),
-        "timestamp": format_timestamp(timestamp) if timestamp else None,
+        "quantity": quantity if isinstance(quantity, str) else format_decimal(quantity),
+        "timestamp": timestamp,
         "properties": properties,
     })
     return hashlib.sha256(canonical).hexdigest()

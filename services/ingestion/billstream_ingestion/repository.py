@@ -23,12 +23,47 @@ class KeyClaim:
     idempotency_key: str
     payload_hash: str
     usage_id: str
+    event_id: str  # of the usage.accepted event appended when the claim wins
+    customer: str  # as sent
+    timestamp: datetime  # the event's (defaulted) timestamp
 
 
 # ---------------------------------------------------------------- idempotency keys
 
 
+_KEY_COLUMNS = ("tenant_id", "environment", "idempotency_key", "payload_hash", "usage_id",
+                "event_id", "customer", "event_time")
+#: Below this many keys the single INSERT … ON CONFLICT statement is as fast as COPY.
+_COPY_MIN_KEYS = 32
+
+
 async def claim_keys(
+    conn: asyncpg.Connection, tenant_id: str, environment: str, claims: Sequence[KeyClaim]
+) -> dict[str, tuple[str, str, bool]]:
+    """Claim every key (see claim_keys_on_conflict for the result).
+
+    Fast path: a batch of new keys is COPYed in (about five times faster than the INSERT … ON
+    CONFLICT statement, which is what holds ingest back). COPY is all or nothing: if any key
+    is already taken (a resend, a concurrent identical batch) the unique constraint refuses
+    the whole COPY, the savepoint rolls it back, and the batch takes the statement that sorts
+    out each key. The constraint is the guarantee either way."""
+    if len(claims) >= _COPY_MIN_KEYS:
+        try:
+            async with conn.transaction():  # a savepoint inside the caller's transaction
+                await conn.copy_records_to_table(
+                    "usage_keys", columns=_KEY_COLUMNS,
+                    records=[(tenant_id, environment, c.idempotency_key, c.payload_hash,
+                              c.usage_id, c.event_id, c.customer, c.timestamp)
+                             for c in sorted(claims, key=lambda c: c.idempotency_key)],
+                )
+        except asyncpg.UniqueViolationError:
+            pass
+        else:
+            return {c.idempotency_key: (c.payload_hash, c.usage_id, True) for c in claims}
+    return await claim_keys_on_conflict(conn, tenant_id, environment, claims)
+
+
+async def claim_keys_on_conflict(
     conn: asyncpg.Connection, tenant_id: str, environment: str, claims: Sequence[KeyClaim]
 ) -> dict[str, tuple[str, str, bool]]:
     """Insert the keys in one statement; for each key, (payload_hash, usage_id, inserted_now)
@@ -41,12 +76,14 @@ async def claim_keys(
     rows = await conn.fetch(
         """
         WITH input AS (
-            SELECT * FROM unnest($3::text[], $4::text[], $5::text[])
-                   AS t(idempotency_key, payload_hash, usage_id)
+            SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                                 $8::timestamptz[])
+                   AS t(idempotency_key, payload_hash, usage_id, event_id, customer, event_time)
         ), inserted AS (
             INSERT INTO usage_keys (tenant_id, environment, idempotency_key, payload_hash,
-                                    usage_id)
-            SELECT $1, $2, idempotency_key, payload_hash, usage_id FROM input
+                                    usage_id, event_id, customer, event_time)
+            SELECT $1, $2, idempotency_key, payload_hash, usage_id, event_id, customer,
+                   event_time FROM input
             ON CONFLICT (tenant_id, environment, idempotency_key) DO NOTHING
             RETURNING idempotency_key
         )
@@ -61,7 +98,8 @@ async def claim_keys(
         """,
         tenant_id, environment,
         [c.idempotency_key for c in ordered], [c.payload_hash for c in ordered],
-        [c.usage_id for c in ordered],
+        [c.usage_id for c in ordered], [c.event_id for c in ordered],
+        [c.customer for c in ordered], [c.timestamp for c in ordered],
     )
     result: dict[str, tuple[str, str, bool]] = {}
     unseen: list[str] = []

@@ -1,24 +1,28 @@
-"""The ingest use case: validate, resolve against the projections, claim idempotency keys and
-append the accepted events, in one transaction, before answering.
+"""The ingest use case, shared by every input (HTTP native, CloudEvents, the Kafka topic):
+validate, resolve against the projections, check the time window, claim idempotency keys and
+append the accepted events, in one transaction, before anything is acknowledged.
 
-Order of work for one request (one batch or one event):
-  1. validate each event on its own (domain.parse_event): malformed ones are rejected;
-  2. meters: the codes not in the projection are waited for once, up to
-     `projection_wait_s` (a meter created a moment ago may still be on its way), then their
-     events are rejected as `unknown_meter`;
-  3. customers: resolved to a `cus_` id when known (unknown customers are accepted, see
-     domain); a missing timestamp defaults to "now": the customer's test clock time if it is
-     attached to one, else the wall clock;
-  4. one transaction: claim the first occurrence of every key (one statement), append a
+Order of work for one batch of one tenant and environment:
+  1. `prepare` (reads only):
+     - validate each event on its own (domain.parse_event): malformed ones are rejected;
+     - meters: codes not in the projection are waited for once, up to `projection_wait_s` (a
+       meter created a moment ago may still be on its way), then rejected as `unknown_meter`;
+     - customers: resolved to a `cus_` id when known (unknown customers are accepted, see
+       domain); "now" is the customer's test clock time when it is attached to one, else the
+       wall clock; a missing timestamp defaults to it;
+     - the window: timestamps before `now - dedup_window` or after `now + future_tolerance`
+       are rejected (`timestamp_out_of_window`);
+  2. `write` (one transaction, possibly for several prepared batches — the Kafka path writes a
+     whole poll at once): claim the first occurrence of every key (one statement), append a
      `usage.accepted` event per claimed key (COPY for large batches), commit. Accepted events
-     are durable before the response is sent; a duplicate is a normal, counted outcome.
+     are durable before the answer or the offset commit; a duplicate is a normal outcome.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -30,15 +34,29 @@ from billstream_ingestion.repository import KeyClaim, KnownCustomer
 from billstream_ingestion.settings import IngestionSettings
 from billstream_messaging import EventStore, NewEvent
 from billstream_runtime.http import wait_for
-from billstream_runtime.ids import new_id
+from billstream_runtime.ids import new_ids
 
 _RETRIES = 3
+_ACCEPTED_TYPE = UsageAccepted.event_type
+_ACCEPTED_VERSION = UsageAccepted.version
 
 
 @dataclass(frozen=True, slots=True)
 class Scope:
     tenant_id: str
     environment: str
+
+
+@dataclass(slots=True)
+class Prepared:
+    """One tenant's batch after the read-only checks: the outcomes decided so far and the
+    valid events, each with its resolved customer and timestamp."""
+
+    scope: Scope
+    outcomes: list[Outcome] = field(default_factory=list)
+    valid: list[UsageEvent] = field(default_factory=list)
+    customers: dict[str, KnownCustomer] = field(default_factory=dict)
+    timestamps: dict[int, datetime] = field(default_factory=dict)  # by event index
 
 
 async def ingest(
@@ -49,18 +67,44 @@ async def ingest(
     raw_events: Sequence[Any],
     now: datetime | None = None,
 ) -> list[Outcome]:
-    """One outcome per raw event, in request order."""
+    """One outcome per raw event (request order not guaranteed; summarize sorts)."""
+    prepared = await prepare(pool, settings, scope, raw_events, now)
+    if not prepared.valid:
+        return prepared.outcomes
+    for attempt in range(1, _RETRIES + 1):
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                outcomes = await write(conn, store, [prepared])
+            return outcomes
+        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+            if attempt == _RETRIES:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def prepare(
+    pool: asyncpg.Pool,
+    settings: IngestionSettings,
+    scope: Scope,
+    raw_events: Sequence[Any],
+    now: datetime | None = None,
+    *,
+    first_index: int = 0,
+) -> Prepared:
+    """The read-only half of ingest: validation, meters, customers and the time window."""
     now = now or datetime.now(UTC)
-    outcomes: list[Outcome] = []
+    prepared = Prepared(scope)
+    outcomes = prepared.outcomes
     valid: list[UsageEvent] = []
-    for index, raw in enumerate(raw_events):
-        parsed = domain.parse_event(index, raw, max_properties_bytes=settings.max_properties_bytes)
-        if isinstance(parsed, Outcome):
-            outcomes.append(parsed)
-        else:
+    max_props = settings.max_properties_bytes
+    for index, raw in enumerate(raw_events, start=first_index):
+        parsed = domain.parse_event(index, raw, max_properties_bytes=max_props)
+        if type(parsed) is UsageEvent:
             valid.append(parsed)
+        else:
+            outcomes.append(parsed)
     if not valid:
-        return outcomes
+        return prepared
 
     valid, unknown = await _check_meters(pool, settings, scope, valid)
     outcomes += [
@@ -69,31 +113,57 @@ async def ingest(
         for ev in unknown
     ]
     if not valid:
-        return outcomes
+        return prepared
 
     customers = await repository.known_customers(
         pool, scope.tenant_id, scope.environment, {ev.customer for ev in valid})
-    firsts = domain.first_per_key(valid)
-    usage_ids = {ev.idempotency_key: new_id("use") for ev in firsts}
-    claims = [KeyClaim(ev.idempotency_key, ev.payload_hash, usage_ids[ev.idempotency_key])
-              for ev in firsts]
+    window = timedelta(days=settings.dedup_window_days)
+    future = timedelta(seconds=settings.future_tolerance_s)
+    in_window = []
+    for ev in valid:
+        customer = customers.get(ev.customer)
+        event_now = customer.clock_time if customer and customer.clock_time else now
+        timestamp = ev.timestamp or event_now
+        error = domain.window_error(timestamp, event_now, window, future)
+        if error is not None:
+            outcomes.append(domain.rejected(ev.index, ev.idempotency_key, error.code,
+                                            error.message, error.param))
+            continue
+        prepared.timestamps[ev.index] = timestamp
+        in_window.append(ev)
+    prepared.valid = in_window
+    prepared.customers = customers
+    return prepared
 
-    for attempt in range(1, _RETRIES + 1):
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                claimed = await repository.claim_keys(
-                    conn, scope.tenant_id, scope.environment, claims)
-                accepted = [
-                    _accepted_event(scope, ev, usage_ids[ev.idempotency_key],
-                                    customers.get(ev.customer), now)
-                    for ev in firsts if claimed[ev.idempotency_key][2]
-                ]
-                await store.append(conn, accepted)
-            break
-        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
-            if attempt == _RETRIES:
-                raise
-    return outcomes + domain.resolve_outcomes(valid, claimed)
+
+async def write(conn: asyncpg.Connection, store: EventStore,
+                batches: Sequence[Prepared]) -> list[Outcome]:
+    """In the caller's transaction: claim the keys of every prepared batch and append one
+    `usage.accepted` per newly claimed key. Returns every outcome of every batch."""
+    outcomes: list[Outcome] = []
+    accepted: list[NewEvent] = []
+    for prepared in batches:
+        outcomes += prepared.outcomes
+        if not prepared.valid:
+            continue
+        scope = prepared.scope
+        firsts = domain.first_per_key(prepared.valid)
+        usage_ids = new_ids("use", len(firsts))
+        event_ids = new_ids("evt", len(firsts))
+        claims = [
+            KeyClaim(ev.idempotency_key, ev.payload_hash, usage_id, event_id, ev.customer,
+                     prepared.timestamps[ev.index])
+            for ev, usage_id, event_id in zip(firsts, usage_ids, event_ids, strict=True)
+        ]
+        claimed = await repository.claim_keys(conn, scope.tenant_id, scope.environment, claims)
+        for ev, claim in zip(firsts, claims, strict=True):
+            if claimed[ev.idempotency_key][2]:
+                accepted.append(_accepted_event(
+                    scope, ev, claim, prepared.customers.get(ev.customer)))
+        outcomes += domain.resolve_outcomes(prepared.valid, claimed)
+    if accepted:
+        await store.append(conn, accepted, returning=False)
+    return outcomes
 
 
 async def _check_meters(pool, settings, scope, events):
@@ -120,17 +190,24 @@ def default_timestamp(customer: KnownCustomer | None, now: datetime) -> datetime
     return now
 
 
-def _accepted_event(scope: Scope, ev: UsageEvent, usage_id: str,
-                    customer: KnownCustomer | None, now: datetime) -> NewEvent:
-    timestamp = ev.timestamp or default_timestamp(customer, now)
+def _accepted_event(scope: Scope, ev: UsageEvent, claim: KeyClaim,
+                    customer: KnownCustomer | None) -> NewEvent:
+    """The `usage.accepted` event, its data built as the UsageAccepted contract's JSON
+    directly (the hot path skips the model; tests check the two agree)."""
     customer_id = customer.customer_id if customer else None
-    data = UsageAccepted(
-        usage_id=usage_id, idempotency_key=ev.idempotency_key, customer=ev.customer,
-        customer_id=customer_id, meter=ev.meter, quantity=domain.format_decimal(ev.quantity),
-        timestamp=timestamp, properties=ev.properties,
-    )
+    data = {
+        "usage_id": claim.usage_id,
+        "idempotency_key": ev.idempotency_key,
+        "customer": ev.customer,
+        "customer_id": customer_id,
+        "meter": ev.meter,
+        "quantity": ev.quantity_text,
+        "timestamp": claim.timestamp,  # the store's encoder writes RFC 3339 UTC ("Z")
+        "properties": ev.properties,
+    }
     return NewEvent(
-        data=data, tenant_id=scope.tenant_id, environment=scope.environment,
+        data=data, type=_ACCEPTED_TYPE, version=_ACCEPTED_VERSION,
+        tenant_id=scope.tenant_id, environment=scope.environment,
         aggregate_type="customer", aggregate_id=customer_id or ev.customer,
-        occurred_at=timestamp,
+        occurred_at=claim.timestamp, id=claim.event_id,
     )

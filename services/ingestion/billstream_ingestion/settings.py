@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from billstream_runtime.settings import ServiceSettings, load_settings
 
 
@@ -14,6 +16,24 @@ class IngestionSettings(ServiceSettings):
     max_batch_events: int = 1000
     max_body_bytes: int = 5 * 1024 * 1024
     max_properties_bytes: int = 8 * 1024
+    # Deduplication window: an idempotency key is unique for at least this long, and events
+    # timestamped before `now - window` are rejected (so a resend after the key expired can
+    # never be counted again). At least 35 days: a monthly period plus late corrections.
+    dedup_window_days: int = Field(35, ge=35)
+    # Events timestamped further than this in the future are rejected.
+    future_tolerance_s: int = Field(300, ge=0)
+    # How often expired idempotency keys are purged, and how many per statement.
+    key_purge_interval_s: float = 3600.0
+    key_purge_batch: int = 10_000
+    # Backpressure: answer 503 + Retry-After (HTTP) or pause the Kafka input when more than
+    # this many accepted events wait for the relay to publish them ...
+    max_relay_lag_events: int = 200_000
+    # ... or when this many events are being ingested at once by this process.
+    max_inflight_events: int = 16_000
+    retry_after_s: int = 1
+    # Kafka input (`billstream.usage.raw`): consume it in this process.
+    raw_input_enabled: bool = True
+    raw_max_records: int = 5_000
 
 
 def load() -> IngestionSettings:

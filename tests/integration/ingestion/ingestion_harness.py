@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import httpx
+import orjson
 import pytest
 
 from billstream_contracts.events import (
@@ -90,7 +91,8 @@ class Ingestion:
     async def accepted_events(self) -> list[dict]:
         rows = await self.host.pool.fetch(
             "SELECT * FROM event_log WHERE tenant_id = $1 ORDER BY seq", self.tenant_id)
-        return [dict(r) for r in rows]
+        # the usage log keeps only the published envelope (EventStore keep_data=False)
+        return [{**dict(r), "data": orjson.loads(r["envelope"])["data"]} for r in rows]
 
 
 def ingestion_settings(dsn: str, bootstrap: str, **extra: str) -> IngestionSettings:

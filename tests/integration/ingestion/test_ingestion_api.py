@@ -18,6 +18,11 @@ from ingestion_harness import Ingestion, ingestion_settings
 pytestmark = pytest.mark.integration
 
 
+#: A fixed instant inside the dedup window (events older than 35 days are rejected).
+RECENT_AT = (datetime.now(UTC) - timedelta(days=2)).replace(microsecond=0)
+RECENT = RECENT_AT.isoformat().replace("+00:00", "Z")
+
+
 def ev(key, customer="acme-1", meter="api_calls", **extra):
     return {"idempotency_key": key, "customer": customer, "meter": meter, **extra}
 
@@ -30,10 +35,10 @@ async def test_batch_gives_exact_per_event_outcomes(ingestion: Ingestion):
     await ingestion.create_meter("api_calls")
     cus = await ingestion.create_customer("acme-1")
     batch = {"events": [
-        ev("k0", quantity="10", timestamp="2026-01-10T00:00:00Z", properties={"region": "eu"}),
+        ev("k0", quantity="10", timestamp=RECENT, properties={"region": "eu"}),
         ev("k1", quantity="abc"),                                   # malformed
-        ev("k0", quantity=10, timestamp="2026-01-10T00:00:00Z", properties={"region": "eu"}),
-        ev("k0", quantity="11", timestamp="2026-01-10T00:00:00Z"),  # same key, other payload
+        ev("k0", quantity=10, timestamp=RECENT, properties={"region": "eu"}),
+        ev("k0", quantity="11", timestamp=RECENT),  # same key, other payload
         ev("k4", meter="no_such_meter"),                            # unknown meter
         ev("k5", customer="ghost-7", quantity=2.5),                 # unknown customer: kept
         ev("k6", customer=cus, quantity="1.50"),                    # by cus_ id
@@ -74,10 +79,10 @@ async def test_batch_gives_exact_per_event_outcomes(ingestion: Ingestion):
     assert k0["data"] == {
         "usage_id": res[0]["usage_id"], "idempotency_key": "k0", "customer": "acme-1",
         "customer_id": cus, "meter": "api_calls", "quantity": "10",
-        "timestamp": "2026-01-10T00:00:00Z", "properties": {"region": "eu"},
+        "timestamp": RECENT, "properties": {"region": "eu"},
     }
     assert (k0["aggregate_type"], k0["aggregate_id"]) == ("customer", cus)
-    assert k0["occurred_at"] == datetime(2026, 1, 10, tzinfo=UTC)
+    assert k0["occurred_at"] == RECENT_AT
     assert k5["data"]["customer_id"] is None and k5["aggregate_id"] == "ghost-7"
     assert k5["data"]["quantity"] == "2.5"
     assert k6["data"]["customer"] == cus and k6["data"]["customer_id"] == cus
@@ -229,7 +234,7 @@ async def test_a_period_end_is_ordered_behind_the_usage_accepted_before_it(inges
     await ingestion.create_meter("api_calls")
     async with ingestion.client() as c:
         r = await c.post("/v1/usage/events", json={"events": [
-            ev(f"pe{i}", timestamp="2026-01-10T00:00:00Z") for i in range(5)]})
+            ev(f"pe{i}", timestamp=RECENT) for i in range(5)]})
     assert r.json()["accepted"] == 5
     jan, feb = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC)
     plan = PlanSnapshot(plan_id="plan_1", code="pro", name="Pro", currency="USD",
