@@ -7,9 +7,12 @@ from pathlib import Path
 from prometheus_client import Counter
 
 from billstream_contracts.topics import USAGE_ACCEPTED
+from billstream_ingestion.admission import Admission
 from billstream_ingestion.endpoints import router
 from billstream_ingestion.handlers import CATALOG_HANDLERS, CATALOG_READ_MODEL
+from billstream_ingestion.raw_input import RawInput
 from billstream_ingestion.settings import IngestionSettings, load
+from billstream_ingestion.tasks import purge_keys
 from billstream_messaging import AUTH_TOPIC, EventConsumer, EventStore, ServiceHost
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -21,7 +24,7 @@ def build(settings: IngestionSettings | None = None) -> ServiceHost:
     store = EventStore("ingestion", topic=USAGE_ACCEPTED, keep_data=False)
     host = ServiceHost(
         settings=settings, title="Billstream ingestion", migrations=MIGRATIONS,
-        routers=[router], store=store,
+        routers=[router], store=store, tasks=[purge_keys],
         read_models={f"{settings.service_name}.catalog": CATALOG_READ_MODEL},
     )
     host.consumers.append(EventConsumer(
@@ -29,7 +32,17 @@ def build(settings: IngestionSettings | None = None) -> ServiceHost:
         metrics=host.metrics, store=store,
     ))
     host.metrics.custom["usage_events"] = Counter(
-        "billstream_usage_events_total", "Usage events ingested over HTTP, by outcome",
-        ["outcome"], registry=host.metrics.registry,
+        "billstream_usage_events_total", "Usage events ingested, by channel and outcome",
+        ["channel", "outcome"], registry=host.metrics.registry,
     )
+    admission = Admission(settings, pool=lambda: host.pool)
+    host.app.state.admission = admission
+    if settings.raw_input_enabled:
+        async def raw_input(host: ServiceHost) -> None:
+            """The Kafka input (billstream.usage.raw); restarted by the host if it fails."""
+            runner = RawInput(host, admission)
+            host.app.state.raw_input = runner
+            await runner.run()
+
+        host.tasks.append(raw_input)
     return host

@@ -44,10 +44,12 @@ EVENT_FIELDS = frozenset(
     {"idempotency_key", "customer", "meter", "quantity", "timestamp", "properties"}
 )
 
-_DECIMAL_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_DECIMAL_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\Z", re.ASCII)
 _RFC3339_RE = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})\Z", re.ASCII
 )
+#: Properties nest at most this deep (JSON objects and arrays).
+MAX_PROPERTIES_DEPTH = 32
 _INT64 = (-(2**63), 2**63 - 1)
 
 Status = Literal["accepted", "duplicate", "rejected"]
@@ -192,11 +194,22 @@ def _text(raw: Mapping[str, Any], name: str, max_length: int) -> str:
         raise EventError("invalid_event", f"{name} must be a string", name)
     if not value or len(value) > max_length:
         raise EventError("invalid_event", f"{name} must be 1 to {max_length} characters", name)
+    if not value.isascii() and not _is_unicode_text(value):
+        raise EventError("invalid_event", f"{name} holds an unpaired surrogate (\\ud800-"
+                         "\\udfff escape), which is not text", name)
     return value
 
 
+def _is_unicode_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 #: Quantities already written the normalized way ("1", "1500", "3.5"): taken as they are.
-_CANONICAL_QUANTITY = re.compile(r"^(0|[1-9][0-9]{0,29})(\.[0-9]{0,19}[1-9])?$")
+_CANONICAL_QUANTITY = re.compile(r"^(0|[1-9][0-9]{0,29})(\.[0-9]{0,19}[1-9])?\Z")
 
 
 def normalize_quantity(value: Any) -> str:
@@ -247,10 +260,9 @@ def parse_timestamp(value: Any, param: str) -> datetime:
                          "2026-01-31T12:00:00Z", param)
     text = value[:-1] + "+00:00" if value[-1] in "Zz" else value
     try:
-        parsed = datetime.fromisoformat(text.replace("t", "T"))
-    except ValueError as exc:
+        return datetime.fromisoformat(text.replace("t", "T")).astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
         raise EventError("invalid_event", f"{param}: {exc}", param) from exc
-    return parsed.astimezone(UTC)
 
 
 def window_error(timestamp: datetime, now: datetime, window: timedelta,
@@ -287,14 +299,28 @@ def _plain_length(value: Decimal) -> int:
     return len(digits) + abs(exp) + 2
 
 
-def json_safe(value: Any, path: str) -> Any:
+def json_safe(value: Any, path: str, depth: int = 0) -> Any:
     """Properties as JSON-safe values: exact decimals (non-integer numbers) become normalized
-    decimal strings, integers outside 64 bits become strings; NaN/Infinity are refused."""
-    if isinstance(value, dict):
-        return {k: json_safe(v, f"{path}.{k}") for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v, path) for v in value]
-    if value is None or isinstance(value, bool | str):
+    decimal strings, integers outside 64 bits become strings; NaN/Infinity, unpaired
+    surrogates and nesting deeper than MAX_PROPERTIES_DEPTH are refused."""
+    if isinstance(value, dict | list):
+        if depth >= MAX_PROPERTIES_DEPTH:
+            raise EventError("invalid_event", f"{path} nests deeper than "
+                             f"{MAX_PROPERTIES_DEPTH} levels", path)
+        if isinstance(value, list):
+            return [json_safe(v, path, depth + 1) for v in value]
+        out = {}
+        for k, v in value.items():
+            if not k.isascii() and not _is_unicode_text(k):
+                raise EventError("invalid_event", f"{path} has a key with an unpaired "
+                                 "surrogate", path)
+            out[k] = json_safe(v, f"{path}.{k}", depth + 1)
+        return out
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        if not value.isascii() and not _is_unicode_text(value):
+            raise EventError("invalid_event", f"{path} holds an unpaired surrogate", path)
         return value
     if isinstance(value, int):
         return value if _INT64[0] <= value <= _INT64[1] else str(value)

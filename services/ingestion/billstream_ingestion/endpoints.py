@@ -1,14 +1,29 @@
-"""`POST /v1/usage/events`: one native event or a batch of up to 1,000."""
+"""Usage API of ingestion.
+
+- `POST /v1/usage/events`: one native event or a batch `{"events": [...]}` of up to 1,000;
+  CloudEvents 1.0 in structured (`application/cloudevents+json`), batch
+  (`application/cloudevents-batch+json`) and binary (`ce-*` headers) content modes.
+- `POST /v1/usage/corrections`: void or amend an accepted event by its idempotency key.
+- `GET /v1/usage/events/lookup?idempotency_key=…`: an accepted event as it stands.
+"""
 
 from __future__ import annotations
 
 import json
 from decimal import Decimal
+from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
-from billstream_ingestion import domain, service
-from billstream_ingestion.schemas import UsageIngestResult, request_body_openapi
+from billstream_ingestion import cloudevents, corrections, domain, service
+from billstream_ingestion.domain import Outcome
+from billstream_ingestion.schemas import (
+    UsageCorrection,
+    UsageEventObject,
+    UsageIngestResult,
+    correction_body_openapi,
+    request_body_openapi,
+)
 from billstream_runtime.auth import AuthContext
 from billstream_runtime.errors import ApiError, InvalidRequest
 from billstream_runtime.http import ORJSONResponse, SecretKey
@@ -25,29 +40,116 @@ router = APIRouter(tags=["usage"])
 async def ingest_usage(request: Request, ctx: AuthContext = SecretKey):
     """Every event gets exactly one outcome (`accepted`, `duplicate` or `rejected` with a
     code); a batch with bad events still accepts the good ones. Accepted events are durable
-    before the answer. Usage for a customer not created yet is accepted (see the docs)."""
+    before the answer. Usage for a customer not created yet is accepted (see the docs).
+    When the pipeline is behind, the answer is 503 with `Retry-After` and nothing is taken."""
     settings = request.app.state.settings
     body = await _read_body(request, settings.max_body_bytes)
-    try:
-        parsed = json.loads(body, parse_float=Decimal, parse_constant=Decimal)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidRequest("invalid_json", f"The body is not valid JSON: {exc}") from exc
-    try:
-        raw_events = domain.split_body(parsed, settings.max_batch_events)
-    except domain.BodyError as err:
-        raise ApiError(err.code, err.message, param=err.param, status=err.status) from err
-    outcomes = await service.ingest(
-        request.app.state.pool, request.app.state.store, settings,
-        service.Scope(ctx.tenant_id, ctx.environment), raw_events,
-    )
+    raw_events, ce_indices, early = _events_of(request, body, settings.max_batch_events)
+    admission = request.app.state.admission
+    async with admission.admit(len(raw_events)):
+        outcomes = early + await service.ingest(
+            request.app.state.pool, request.app.state.store, settings,
+            service.Scope(ctx.tenant_id, ctx.environment),
+            [raw for raw in raw_events if raw is not None],
+            indices=[i for i, raw in enumerate(raw_events) if raw is not None],
+        )
+    if ce_indices:
+        outcomes = [_ce_param(o) if o.index in ce_indices else o for o in outcomes]
     result = domain.summarize(outcomes)
     counter = request.app.state.metrics.custom.get("usage_events")
     if counter is not None:
         for status, key in (("accepted", "accepted"), ("duplicate", "duplicates"),
                             ("rejected", "rejected")):
             if result[key]:
-                counter.labels(status).inc(result[key])
+                counter.labels("http", status).inc(result[key])
     return ORJSONResponse(result)  # built by the domain; skips re-validating 1,000 results
+
+
+@router.post(
+    "/v1/usage/corrections",
+    responses={200: {"model": UsageCorrection}},
+    openapi_extra=correction_body_openapi(),
+    summary="Void or amend an accepted usage event",
+)
+async def correct_usage(request: Request, ctx: AuthContext = SecretKey):
+    """`{"idempotency_key": "...", "action": "void"}` or `{"idempotency_key": "...",
+    "action": "amend", "quantity": "12", "properties": {...}}`. The change flows as a
+    compensating event; the original stays in the log. Usage already billed in a closed period
+    cannot be corrected (409 `usage_period_closed`)."""
+    settings = request.app.state.settings
+    body = _parse_json(await _read_body(request, 64 * 1024))
+    parsed = corrections.parse_request(body, settings)
+    result = await corrections.correct(
+        request.app.state.pool, request.app.state.store,
+        service.Scope(ctx.tenant_id, ctx.environment), parsed)
+    return ORJSONResponse(result)
+
+
+@router.get(
+    "/v1/usage/events/lookup",
+    responses={200: {"model": UsageEventObject}},
+    summary="An accepted usage event, by idempotency key",
+)
+async def lookup_usage_event(request: Request, idempotency_key: str = Query(max_length=255),
+                             ctx: AuthContext = SecretKey):
+    """The event as accepted, its corrections, and its quantity and properties now."""
+    return ORJSONResponse(await corrections.usage_event(
+        request.app.state.pool, service.Scope(ctx.tenant_id, ctx.environment),
+        idempotency_key))
+
+
+# ---------------------------------------------------------------- request shapes
+
+
+def _events_of(request: Request, body: bytes, max_events: int
+               ) -> tuple[list[Any], set[int], list[Outcome]]:
+    """(raw native events — None where an event was rejected while mapping —, the indices of
+    events that came as CloudEvents, the rejections made while mapping)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if "ce-specversion" in request.headers:  # binary mode: the body is the event's data
+        data = _parse_json(body) if body.strip() else None
+        return _mapped([lambda: cloudevents.from_http_binary(request.headers, data)])
+    if content_type == cloudevents.STRUCTURED:
+        parsed = _parse_json(body)
+        return _mapped([lambda: cloudevents.from_structured(parsed)])
+    if content_type == cloudevents.BATCH:
+        try:
+            batch = cloudevents.split_batch(_parse_json(body), max_events)
+        except domain.BodyError as err:
+            raise ApiError(err.code, err.message, param=err.param, status=err.status) from err
+        return _mapped([(lambda ce=ce: cloudevents.from_structured(ce)) for ce in batch])
+    try:
+        raw_events = domain.split_body(_parse_json(body), max_events)
+    except domain.BodyError as err:
+        raise ApiError(err.code, err.message, param=err.param, status=err.status) from err
+    return raw_events, set(), []
+
+
+def _mapped(mappers) -> tuple[list[Any], set[int], list[Outcome]]:
+    raws: list[Any] = []
+    early: list[Outcome] = []
+    for index, mapper in enumerate(mappers):
+        try:
+            raws.append(mapper())
+        except domain.EventError as err:
+            raws.append(None)
+            early.append(domain.rejected(index, None, err.code, err.message, err.param))
+    return raws, set(range(len(mappers))), early
+
+
+def _ce_param(outcome: Outcome) -> Outcome:
+    """Name the field at fault as the CloudEvents attribute it came from."""
+    if outcome.param is None:
+        return outcome
+    return Outcome(outcome.index, outcome.idempotency_key, outcome.status, outcome.usage_id,
+                   outcome.code, outcome.message, cloudevents.attribute_param(outcome.param))
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body, parse_float=Decimal, parse_constant=Decimal)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest("invalid_json", f"The body is not valid JSON: {exc}") from exc
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -32,16 +32,25 @@ async def on_period_ended(ctx: EventContext) -> None:
     commit has a lower sequence in the log, so metering can wait for all of it before it
     summarizes the period (see UsagePeriodClosed)."""
     d = ctx.data
+    if await repository.close_recorded(ctx.conn, ctx.envelope.tenant_id,
+                                       ctx.envelope.environment,
+                                       d.subscription.subscription_id, d.period_end):
+        return  # a replay (rebuild of this consumer): the close is in the log already
     closed = UsagePeriodClosed(
         subscription=d.subscription, period_start=d.period_start, period_end=d.period_end,
         renews=d.renews, next_period_start=d.next_period_start,
         next_period_end=d.next_period_end,
     )
-    await ctx.store.append(ctx.conn, [NewEvent(
+    [written] = await ctx.store.append(ctx.conn, [NewEvent(
         data=closed, tenant_id=ctx.envelope.tenant_id, environment=ctx.envelope.environment,
         aggregate_type="customer", aggregate_id=d.subscription.customer_id,
         occurred_at=d.period_end,
     )], cause=ctx.cause)
+    # remembered so that a correction can tell whether this close already billed an event
+    await repository.record_close(
+        ctx.conn, written.id, written.sequence, ctx.envelope.tenant_id,
+        ctx.envelope.environment, d.subscription.subscription_id, d.subscription.customer_id,
+        d.subscription.customer_external_id, d.period_end)
 
 
 CATALOG_HANDLERS = {
@@ -55,3 +64,5 @@ CATALOG_HANDLERS = {
 
 #: Tables the catalog consumer writes: emptied by `rebuild catalog`, refilled by replay.
 CATALOG_READ_MODEL = ["api_keys", "customers", "meters", "test_clocks"]
+# period_closes is not emptied by a rebuild: it records what this service appended to its own
+# log, so a replay of subscription.period_ended does not append the close again.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 
@@ -194,3 +194,113 @@ async def set_clock_time(conn: asyncpg.Connection, tenant_id: str, environment: 
         " SET frozen_time = GREATEST(test_clocks.frozen_time, EXCLUDED.frozen_time)",
         test_clock_id, tenant_id, environment, frozen_time,
     )
+
+
+# ---------------------------------------------------------------- period closes
+
+
+async def close_recorded(conn: Conn, tenant_id: str, environment: str, subscription_id: str,
+                         period_end: datetime) -> bool:
+    return bool(await conn.fetchval(
+        "SELECT 1 FROM period_closes WHERE tenant_id = $1 AND environment = $2"
+        " AND subscription_id = $3 AND period_end = $4",
+        tenant_id, environment, subscription_id, period_end))
+
+
+async def record_close(conn: asyncpg.Connection, event_id: str, seq: int, tenant_id: str,
+                       environment: str, subscription_id: str, customer_id: str,
+                       external_id: str | None, period_end: datetime) -> None:
+    await conn.execute(
+        "INSERT INTO period_closes (event_id, seq, tenant_id, environment, subscription_id,"
+        " customer_id, external_id, period_end) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)"
+        " ON CONFLICT DO NOTHING",
+        event_id, seq, tenant_id, environment, subscription_id, customer_id, external_id,
+        period_end)
+
+
+async def billed_by_close(conn: Conn, tenant_id: str, environment: str, refs: Sequence[str],
+                          after_seq: int, timestamp: datetime) -> str | None:
+    """The first period close after `after_seq` in the log, of a customer named by `refs`,
+    whose period ends after `timestamp`: the close that billed (or is billing) that event."""
+    return await conn.fetchval(
+        """
+        SELECT event_id FROM period_closes
+         WHERE tenant_id = $1 AND environment = $2
+           AND (customer_id = ANY($3::text[]) OR external_id = ANY($3::text[]))
+           AND seq > $4 AND period_end > $5
+         ORDER BY seq LIMIT 1
+        """,
+        tenant_id, environment, list(refs), after_seq, timestamp)
+
+
+# ---------------------------------------------------------------- corrections
+
+
+async def lock_head(conn: asyncpg.Connection) -> None:
+    """Take the log head lock now (EventStore.append takes it anyway, later): the checks that
+    follow then see every period close that can precede this transaction's events."""
+    await conn.execute("SELECT 1 FROM event_log_head WHERE id = 1 FOR UPDATE")
+
+
+async def lock_key(conn: asyncpg.Connection, tenant_id: str, environment: str,
+                   idempotency_key: str):
+    return await conn.fetchrow(
+        "SELECT * FROM usage_keys WHERE tenant_id = $1 AND environment = $2"
+        " AND idempotency_key = $3 FOR UPDATE",
+        tenant_id, environment, idempotency_key)
+
+
+async def get_key(conn: Conn, tenant_id: str, environment: str, idempotency_key: str):
+    return await conn.fetchrow(
+        "SELECT * FROM usage_keys WHERE tenant_id = $1 AND environment = $2"
+        " AND idempotency_key = $3",
+        tenant_id, environment, idempotency_key)
+
+
+async def logged_event(conn: Conn, event_id: str):
+    """(seq, envelope bytes) of an event of this service's log."""
+    return await conn.fetchrow(
+        "SELECT seq, envelope, data FROM event_log WHERE id = $1", event_id)
+
+
+async def corrections(conn: Conn, tenant_id: str, environment: str, idempotency_key: str):
+    return await conn.fetch(
+        "SELECT * FROM usage_corrections WHERE tenant_id = $1 AND environment = $2"
+        " AND idempotency_key = $3 ORDER BY id",
+        tenant_id, environment, idempotency_key)
+
+
+async def insert_correction(conn: asyncpg.Connection, correction_id: str, tenant_id: str,
+                            environment: str, idempotency_key: str, usage_id: str, action: str,
+                            quantity: str | None, properties: dict | None,
+                            reason: str | None):
+    return await conn.fetchrow(
+        "INSERT INTO usage_corrections (correction_id, tenant_id, environment, idempotency_key,"
+        " usage_id, action, quantity, properties, reason) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)"
+        " RETURNING *",
+        correction_id, tenant_id, environment, idempotency_key, usage_id, action, quantity,
+        properties, reason)
+
+
+# ---------------------------------------------------------------- key retention
+
+
+async def purge_expired_keys(conn: Conn, cutoff: datetime, keep_for: timedelta,
+                             limit: int) -> int:
+    """Delete up to `limit` keys no resend could hit any more: received and timestamped before
+    `cutoff` (= now - keep_for, keep_for being the window and a margin), unless their customer
+    is on a test clock whose time is not yet `keep_for` past the event (a frozen clock keeps
+    "now" in the past)."""
+    return int((await conn.execute(
+        """
+        DELETE FROM usage_keys WHERE ctid IN (
+            SELECT k.ctid FROM usage_keys k
+             WHERE k.created_at < $1 AND k.event_time < $1
+               AND NOT EXISTS (
+                   SELECT 1 FROM customers c JOIN test_clocks t USING (test_clock_id)
+                    WHERE c.tenant_id = k.tenant_id AND c.environment = k.environment
+                      AND (c.customer_id = k.customer OR c.external_id = k.customer)
+                      AND k.event_time >= t.frozen_time - $3::interval)
+             LIMIT $2)
+        """,
+        cutoff, limit, keep_for)).split()[-1])

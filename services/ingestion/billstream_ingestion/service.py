@@ -66,9 +66,11 @@ async def ingest(
     scope: Scope,
     raw_events: Sequence[Any],
     now: datetime | None = None,
+    *,
+    indices: Sequence[int] | None = None,
 ) -> list[Outcome]:
     """One outcome per raw event (request order not guaranteed; summarize sorts)."""
-    prepared = await prepare(pool, settings, scope, raw_events, now)
+    prepared = await prepare(pool, settings, scope, raw_events, now, indices=indices)
     if not prepared.valid:
         return prepared.outcomes
     for attempt in range(1, _RETRIES + 1):
@@ -89,15 +91,17 @@ async def prepare(
     raw_events: Sequence[Any],
     now: datetime | None = None,
     *,
-    first_index: int = 0,
+    indices: Sequence[int] | None = None,
 ) -> Prepared:
-    """The read-only half of ingest: validation, meters, customers and the time window."""
+    """The read-only half of ingest: validation, meters, customers and the time window.
+    Outcomes carry `indices[i]` for `raw_events[i]` (default: the position)."""
     now = now or datetime.now(UTC)
     prepared = Prepared(scope)
     outcomes = prepared.outcomes
     valid: list[UsageEvent] = []
     max_props = settings.max_properties_bytes
-    for index, raw in enumerate(raw_events, start=first_index):
+    for index, raw in zip(indices if indices is not None else range(len(raw_events)),
+                          raw_events, strict=True):
         parsed = domain.parse_event(index, raw, max_properties_bytes=max_props)
         if type(parsed) is UsageEvent:
             valid.append(parsed)

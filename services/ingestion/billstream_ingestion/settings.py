@@ -34,6 +34,8 @@ class IngestionSettings(ServiceSettings):
     # Kafka input (`billstream.usage.raw`): consume it in this process.
     raw_input_enabled: bool = True
     raw_max_records: int = 5_000
+    # One record holds one event: a value larger than this is rejected (`event_too_large`).
+    raw_max_record_bytes: int = 64 * 1024
 
 
 def load() -> IngestionSettings:

@@ -550,18 +550,15 @@ def test_non_string_fields(value, field):
     assert rejected_param({**BASE, field: value}) == ("invalid_event", field)
 
 
-# ---------------------------------------------------------------- known domain bugs
+# ---------------------------------------------------------------- inputs that once crashed
 # Inputs json.loads accepts that make parse_event raise instead of rejecting the event (the
-# request fails with a 500, the good events of its batch with it). Remove the marker once
-# domain.py is fixed.
+# request would fail with a 500, the good events of its batch with it).
 
 
 def _body(text: str) -> Any:
     return json.loads(text, parse_float=Decimal, parse_constant=Decimal)
 
 
-@pytest.mark.xfail(strict=True, reason="domain bug: lone surrogates (JSON \\ud800 escapes) "
-                   "reach orjson in payload_hash/canonical_json, which raises TypeError")
 @pytest.mark.parametrize("text", [
     '{"idempotency_key": "k", "customer": "\\ud800", "meter": "m"}',
     '{"idempotency_key": "k", "customer": "c", "meter": "\\udfff"}',
@@ -574,9 +571,6 @@ def test_lone_surrogates_are_rejected(text):
     assert isinstance(out, Outcome) and out.code == "invalid_event"
 
 
-@pytest.mark.xfail(strict=True, reason="domain bug: properties nested deeper than orjson's "
-                   "255 levels raise TypeError('Recursion limit reached'); a few hundred "
-                   "nested lists raise RecursionError in json_safe")
 @pytest.mark.parametrize("depth, opening, closing", [(300, '{"a":', "}"), (600, "[", "]")])
 def test_deeply_nested_properties_are_rejected(depth, opening, closing):
     nested = opening * depth + "1" + closing * depth
@@ -585,9 +579,19 @@ def test_deeply_nested_properties_are_rejected(depth, opening, closing):
     assert isinstance(out, Outcome) and out.status == "rejected"
 
 
-@pytest.mark.xfail(strict=True, reason="domain bug: parse_timestamp's astimezone(UTC) raises "
-                   "OverflowError for instants outside years 1-9999 in UTC")
 @pytest.mark.parametrize("value", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00"])
 def test_timestamps_beyond_year_9999_in_utc_are_rejected(value):
+    out = parse({**BASE, "timestamp": value})
+    assert isinstance(out, Outcome) and out.param == "timestamp"
+
+
+@pytest.mark.parametrize("quantity", ["1\n", "\u0661\u0665", "1\u0661", "\uff11"])
+def test_quantities_are_ascii_digits_only(quantity):
+    out = parse({**BASE, "quantity": quantity})
+    assert isinstance(out, Outcome) and out.param == "quantity"
+
+
+@pytest.mark.parametrize("value", ["2026-01-01T00:00:00Z\n", "\u0662026-01-01T00:00:00Z"])
+def test_timestamps_are_ascii_and_end_where_they_end(value):
     out = parse({**BASE, "timestamp": value})
     assert isinstance(out, Outcome) and out.param == "timestamp"

@@ -1,0 +1,234 @@
+"""The Kafka input: producers write usage straight to `billstream.usage.raw`; ingestion
+consumes it with the same rules as HTTP (service.prepare / service.write) and reports every
+event that was not accepted on `billstream.usage.rejected`.
+
+One poll (up to `raw_max_records` records, any tenants) is handled as a unit:
+  1. decode each record (raw_records.decode) and authenticate its API key;
+  2. prepare per tenant and environment (validation, meters, customers, time window);
+  3. one PostgreSQL transaction claims the keys and appends the accepted events;
+  4. after the commit, a record per rejected or duplicate event is produced to
+     `billstream.usage.rejected` and acknowledged by the broker (acks=all);
+  5. only then are the offsets committed.
+A crash anywhere before 5 redelivers the poll: events committed in 3 come back as duplicates
+(reported as such), so nothing acknowledged is lost and nothing is counted twice; a rejection
+may be reported twice (at least once). Failures of the database or the broker are retried with
+a backoff, never skipped; any other failure rewinds the partitions to the poll's first records.
+
+Backpressure: while the relay's backlog is over `max_relay_lag_events` (admission.Admission),
+the consumer pauses its partitions and resumes below it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import CommitFailedError, IllegalStateError
+
+from billstream_contracts.topics import USAGE_RAW, USAGE_REJECTED
+from billstream_ingestion import cloudevents, raw_records, service
+from billstream_ingestion.admission import Admission
+from billstream_ingestion.domain import Outcome, rejected
+from billstream_ingestion.settings import IngestionSettings
+from billstream_messaging.consumer import TRANSIENT_ERRORS
+from billstream_runtime.errors import ApiError
+from billstream_runtime.http import wait_for
+
+if TYPE_CHECKING:
+    from billstream_messaging import ServiceHost
+
+log = structlog.get_logger("billstream.ingestion.raw")
+
+
+class RawInput:
+    def __init__(self, host: ServiceHost, admission: Admission) -> None:
+        self.host = host
+        self.settings: IngestionSettings = host.settings  # type: ignore[assignment]
+        self.admission = admission
+        self.paused = False
+        self.polls = 0
+        self.outcomes: Counter[str] = Counter()
+
+    @property
+    def group_id(self) -> str:
+        return f"{self.settings.consumer_group_prefix}.ingestion.raw"
+
+    # -- the loop ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        settings = self.settings
+        consumer = AIOKafkaConsumer(
+            USAGE_RAW,
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=self.group_id,
+            client_id="billstream-ingestion-raw",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=settings.raw_max_records,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=32 * 1024 * 1024,
+            session_timeout_ms=settings.consumer_session_timeout_ms,
+            heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
+            max_poll_interval_ms=600_000,
+        )
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
+            max_batch_size=512 * 1024, enable_idempotence=False,
+            client_id="billstream-ingestion-rejected",
+        )
+        await producer.start()
+        try:
+            await consumer.start()
+            try:
+                while True:
+                    await self._step(consumer, producer)
+            finally:
+                await consumer.stop()
+        finally:
+            await producer.stop()
+
+    async def _step(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
+        if await self.admission.backlogged():
+            if not self.paused:
+                consumer.pause(*consumer.assignment())
+                self.paused = True
+                log.warning("raw_input_paused", reason="relay backlog",
+                            lag=await self.admission.relay_lag())
+            await asyncio.sleep(0.2)
+            return
+        if self.paused:
+            consumer.resume(*consumer.paused())
+            self.paused = False
+            log.info("raw_input_resumed")
+        polled = await consumer.getmany(timeout_ms=500, max_records=self.settings.raw_max_records)
+        records = [rec for recs in polled.values() for rec in recs]
+        if not records:
+            return
+        try:
+            await self.handle(records, producer)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - rewind, never commit past unhandled records
+            for tp, recs in polled.items():
+                consumer.seek(tp, recs[0].offset)
+            log.error("raw_batch_failed", error=repr(exc), records=len(records))
+            await asyncio.sleep(1.0)
+            return
+        try:
+            await consumer.commit({tp: recs[-1].offset + 1 for tp, recs in polled.items()})
+        except (CommitFailedError, IllegalStateError) as exc:
+            # A rebalance took the partitions: their new owner gets the records again, and
+            # the events already committed come back as duplicates.
+            log.warning("raw_commit_failed", error=repr(exc))
+        self.polls += 1
+
+    # -- one poll ---------------------------------------------------------------------------
+    async def handle(self, records: list[ConsumerRecord], producer: AIOKafkaProducer) -> None:
+        """Apply one poll: durable in PostgreSQL, then every non-accepted outcome reported."""
+        settings = self.settings
+        decoded = [raw_records.decode(rec.value, rec.headers, settings.raw_max_record_bytes)
+                   for rec in records]
+        outcomes: dict[int, Outcome] = {}
+        scopes = await self._authenticate({d.api_key for d in decoded if d.error is None})
+        groups: dict[service.Scope, tuple[list[int], list]] = {}
+        for index, d in enumerate(decoded):
+            if d.error is not None:
+                outcomes[index] = rejected(index, d.idempotency_key, d.error.code,
+                                           d.error.message, d.error.param)
+                continue
+            scope = scopes.get(d.api_key or "")
+            if not isinstance(scope, service.Scope):
+                error = scope or ApiError("missing_api_key",
+                                          f"The record has no {raw_records.API_KEY_HEADER} "
+                                          "header")
+                outcomes[index] = rejected(index, _key_of(d.raw), error.code, error.message,
+                                           raw_records.API_KEY_HEADER)
+                continue
+            indices, raws = groups.setdefault(scope, ([], []))
+            indices.append(index)
+            raws.append(d.raw)
+        prepared = [await service.prepare(self.host.pool, settings, scope, raws, indices=indices)
+                    for scope, (indices, raws) in groups.items()]
+        for outcome in await self._write(prepared):
+            outcomes[outcome.index] = outcome
+        await self._report(records, decoded, outcomes, groups, producer)
+        counts = Counter(o.status for o in outcomes.values())
+        self.outcomes.update(counts)
+        counter = self.host.metrics.custom.get("usage_events")
+        if counter is not None:
+            for status, n in counts.items():
+                counter.labels("kafka", status).inc(n)
+
+    async def _write(self, prepared: list[service.Prepared]) -> list[Outcome]:
+        if not any(p.valid for p in prepared):
+            return [o for p in prepared for o in p.outcomes]
+        backoff = 0.2
+        while True:
+            try:
+                async with self.host.pool.acquire() as conn, conn.transaction():
+                    return await service.write(conn, self.host.store, prepared)
+            except TRANSIENT_ERRORS as exc:
+                log.warning("raw_write_retry", error=repr(exc), retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _report(self, records, decoded, outcomes, groups, producer) -> None:
+        tenant_of = {index: scope for scope, (indices, _) in groups.items() for index in indices}
+        now = datetime.now(UTC)
+        futures = []
+        for index, outcome in outcomes.items():
+            if outcome.status == "accepted":
+                continue
+            rec = records[index]
+            if decoded[index].cloudevent and outcome.param:
+                outcome = _with_param(outcome, cloudevents.attribute_param(outcome.param))
+            scope = tenant_of.get(index)
+            value = raw_records.rejection(
+                outcome=outcome, topic=rec.topic, partition=rec.partition, offset=rec.offset,
+                key=rec.key, value=rec.value,
+                tenant_id=scope.tenant_id if scope else None,
+                environment=scope.environment if scope else None, now=now)
+            futures.append(await producer.send(
+                USAGE_REJECTED, value=value, key=rec.key,
+                headers=raw_records.forwarded_headers(rec.headers, outcome.status)))
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def _authenticate(self, api_keys: set[str | None]) -> dict[str, object]:
+        """Scope per API key, or the ApiError saying why not. A key unknown here is waited for
+        once (`projection_wait_s`): it may have been created a moment ago."""
+        authenticator = self.host.app.state.authenticator
+        result: dict[str, object] = {}
+
+        async def resolve() -> bool:
+            for key in api_keys:
+                if key is None or isinstance(result.get(key), service.Scope):
+                    continue
+                try:
+                    ctx = await authenticator.authenticate(key)
+                except ApiError as err:
+                    result[key] = err
+                    continue
+                if ctx.kind != "secret":
+                    result[key] = ApiError("secret_key_required",
+                                           "Usage is sent with a secret key (sk_...)")
+                else:
+                    result[key] = service.Scope(ctx.tenant_id, ctx.environment)
+            return all(isinstance(v, service.Scope) for v in result.values())
+
+        if not await resolve():
+            await wait_for(resolve, self.settings.projection_wait_s)
+        return result
+
+
+def _key_of(raw) -> str | None:
+    key = raw.get("idempotency_key") if isinstance(raw, dict) else None
+    return key if isinstance(key, str) else None
+
+
+def _with_param(outcome: Outcome, param: str | None) -> Outcome:
+    return Outcome(outcome.index, outcome.idempotency_key, outcome.status, outcome.usage_id,
+                   outcome.code, outcome.message, param)

@@ -1,0 +1,135 @@
+"""Records of the Kafka input topic `billstream.usage.raw`, and the rejection records ingestion
+writes to `billstream.usage.rejected`. Pure: no I/O.
+
+An input record (see docs/ingestion.md, "Kafka input"):
+- header `billstream-api-key`: a secret API key of the tenant and environment (`sk_test_…`,
+  `sk_live_…`), the same key as over HTTP;
+- key: the customer (recommended: keeps one customer's events in order on one partition;
+  nothing depends on it);
+- value: ONE usage event, UTF-8 JSON, in one of three shapes:
+  - native: the same object as `POST /v1/usage/events` takes;
+  - CloudEvents structured mode: a JSON object with `specversion` (header
+    `content-type: application/cloudevents+json` optional);
+  - CloudEvents binary mode: attributes in `ce_*` headers (`ce_specversion`, `ce_id`,
+    `ce_source`, `ce_type`, `ce_subject`, `ce_time`), `content-type: application/json`, and
+    the value is the event's `data`.
+  Numbers are read exactly (never through a float), as over HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from billstream_ingestion import cloudevents
+from billstream_ingestion.domain import EventError, Outcome
+
+API_KEY_HEADER = "billstream-api-key"
+OUTCOME_HEADER = "billstream-outcome"
+
+
+@dataclass(slots=True)
+class Decoded:
+    """One input record: the API key it carries and the native raw event, or why not."""
+
+    api_key: str | None
+    raw: dict[str, Any] | None = None
+    error: EventError | None = None
+    idempotency_key: str | None = None  # best effort, for the rejection record
+    cloudevent: bool = False
+
+
+def decode(value: bytes | None, headers: Any, max_bytes: int) -> Decoded:
+    headers = list(headers or ())
+    api_key = None
+    for name, header_value in headers:
+        if name.lower() == API_KEY_HEADER and header_value is not None:
+            try:
+                api_key = bytes(header_value).decode("utf-8").strip()
+            except UnicodeDecodeError:
+                api_key = None
+    if value is None:
+        return Decoded(api_key, error=EventError("invalid_event", "The record has no value",
+                                                 None))
+    if len(value) > max_bytes:
+        return Decoded(api_key, error=EventError(
+            "event_too_large", f"The record value is {len(value)} bytes; at most {max_bytes} "
+            "are allowed for one usage event", None))
+    try:
+        parsed = json.loads(value, parse_float=Decimal, parse_constant=Decimal)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        return Decoded(api_key, error=EventError(
+            "invalid_json", f"The record value is not valid UTF-8 JSON: {exc}", None))
+    try:
+        if cloudevents.is_kafka_binary(headers):
+            return Decoded(api_key, cloudevents.from_kafka_binary(headers, parsed),
+                           cloudevent=True)
+        if cloudevents.is_structured_json(parsed):
+            return Decoded(api_key, cloudevents.from_structured(parsed), cloudevent=True)
+    except EventError as err:
+        key = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("id"), str):
+            key = parsed.get("id")
+        return Decoded(api_key, error=err, idempotency_key=key, cloudevent=True)
+    if not isinstance(parsed, dict):
+        return Decoded(api_key, error=EventError(
+            "invalid_event", "The record value must be one usage event (a JSON object)", None))
+    return Decoded(api_key, parsed)
+
+
+def rejection(
+    *,
+    outcome: Outcome,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    tenant_id: str | None,
+    environment: str | None,
+    now: datetime | None = None,
+) -> bytes:
+    """The JSON value of a record on `billstream.usage.rejected` (documented shape)."""
+    record: dict[str, Any] = {"key": _text(key), "value": _text(value)}
+    if value is not None and record["value"] is None:
+        record["value_base64"] = base64.b64encode(value).decode()
+    body = {
+        "object": "usage_rejection",
+        "status": outcome.status,  # "rejected", or "duplicate" for a resent event
+        "code": outcome.code or ("duplicate" if outcome.status == "duplicate" else None),
+        "message": outcome.message or (
+            "An event with this idempotency key was already accepted; this one was not "
+            "counted again" if outcome.status == "duplicate" else None),
+        "param": outcome.param,
+        "idempotency_key": outcome.idempotency_key,
+        "usage_id": outcome.usage_id,  # of the original, for a duplicate
+        "tenant_id": tenant_id,
+        "environment": environment,
+        "source": {"topic": topic, "partition": partition, "offset": offset},
+        "record": record,
+        "created_at": now or datetime.now(UTC),
+    }
+    return orjson.dumps(body, option=orjson.OPT_UTC_Z)
+
+
+def forwarded_headers(headers: Any, status: str) -> list[tuple[str, bytes]]:
+    """The input record's headers minus the API key, plus the outcome."""
+    out = [(name, bytes(v) if v is not None else b"") for name, v in (headers or ())
+           if name.lower() != API_KEY_HEADER]
+    out.append((OUTCOME_HEADER, status.encode()))
+    return out
+
+
+def _text(raw: bytes | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
