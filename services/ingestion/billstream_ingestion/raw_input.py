@@ -21,6 +21,7 @@ the consumer pauses its partitions and resumes below it.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -29,7 +30,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
-from billstream_contracts.topics import USAGE_RAW, USAGE_REJECTED
+from billstream_contracts.topics import USAGE_REJECTED
 from billstream_ingestion import cloudevents, raw_records, service
 from billstream_ingestion.admission import Admission
 from billstream_ingestion.domain import Outcome, rejected
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("billstream.ingestion.raw")
 
+#: How long a refused API key is refused without asking (or waiting for) the projection again.
+_REFUSED_KEY_TTL_S = 10.0
+
 
 class RawInput:
     def __init__(self, host: ServiceHost, admission: Admission) -> None:
@@ -52,6 +56,7 @@ class RawInput:
         self.paused = False
         self.polls = 0
         self.outcomes: Counter[str] = Counter()
+        self._refused_keys: dict[str, tuple[float, ApiError]] = {}  # key → (until, why)
 
     @property
     def group_id(self) -> str:
@@ -61,7 +66,7 @@ class RawInput:
     async def run(self) -> None:
         settings = self.settings
         consumer = AIOKafkaConsumer(
-            USAGE_RAW,
+            settings.raw_topic,
             bootstrap_servers=settings.kafka_bootstrap,
             group_id=self.group_id,
             client_id="billstream-ingestion-raw",
@@ -79,15 +84,13 @@ class RawInput:
             max_batch_size=512 * 1024, enable_idempotence=False,
             client_id="billstream-ingestion-rejected",
         )
-        await producer.start()
         try:
+            await producer.start()
             await consumer.start()
-            try:
-                while True:
-                    await self._step(consumer, producer)
-            finally:
-                await consumer.stop()
+            while True:
+                await self._step(consumer, producer)
         finally:
+            await consumer.stop()
             await producer.stop()
 
     async def _step(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
@@ -202,10 +205,16 @@ class RawInput:
         once (`projection_wait_s`): it may have been created a moment ago."""
         authenticator = self.host.app.state.authenticator
         result: dict[str, object] = {}
+        now = time.monotonic()
+        for key in api_keys:  # refused a moment ago: not waited for again (a bad producer
+            refused = self._refused_keys.get(key or "")  # must not slow everyone down)
+            if refused and refused[0] > now:
+                result[key or ""] = refused[1]
+        pending = {key for key in api_keys if key is not None and key not in result}
 
         async def resolve() -> bool:
-            for key in api_keys:
-                if key is None or isinstance(result.get(key), service.Scope):
+            for key in pending:
+                if isinstance(result.get(key), service.Scope):
                     continue
                 try:
                     ctx = await authenticator.authenticate(key)
@@ -221,6 +230,12 @@ class RawInput:
 
         if not await resolve():
             await wait_for(resolve, self.settings.projection_wait_s)
+        until = time.monotonic() + _REFUSED_KEY_TTL_S
+        if len(self._refused_keys) > 10_000:
+            self._refused_keys.clear()
+        for key in pending:
+            if isinstance(result.get(key), ApiError):
+                self._refused_keys[key] = (until, result[key])  # type: ignore[assignment]
         return result
 
 

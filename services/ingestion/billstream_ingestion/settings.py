@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from billstream_contracts.topics import USAGE_RAW
+
 from billstream_runtime.settings import ServiceSettings, load_settings
 
 
@@ -33,6 +35,7 @@ class IngestionSettings(ServiceSettings):
     retry_after_s: int = 1
     # Kafka input (`billstream.usage.raw`): consume it in this process.
     raw_input_enabled: bool = True
+    raw_topic: str = USAGE_RAW
     raw_max_records: int = 5_000
     # One record holds one event: a value larger than this is rejected (`event_too_large`).
     raw_max_record_bytes: int = 64 * 1024

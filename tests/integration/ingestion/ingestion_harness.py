@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import httpx
 import orjson
+from aiokafka import AIOKafkaProducer
 import pytest
 
 from billstream_contracts.events import (
@@ -17,14 +18,14 @@ from billstream_contracts.events import (
     TestClockAdvanced,
     TestClockCreated,
 )
-from billstream_contracts.topics import SUBSCRIPTION_EVENTS
+from billstream_contracts.topics import SUBSCRIPTION_EVENTS, USAGE_REJECTED
 from billstream_ingestion.bootstrap import build
 from billstream_ingestion.settings import IngestionSettings
 from billstream_messaging import ServiceHost
 from billstream_runtime.auth import hash_key
 from billstream_runtime.ids import new_id
 from billstream_runtime.settings import load_settings
-from billstream_testing.events import envelope, publish
+from billstream_testing.events import envelope, publish, read_topic
 from billstream_testing.fixtures import service_env, unique
 from billstream_testing.waiting import eventually
 
@@ -85,6 +86,30 @@ class Ingestion:
             "SELECT 1 FROM test_clocks WHERE test_clock_id = $1 AND frozen_time = $2",
             clock_id, to)
 
+    @property
+    def raw_topic(self) -> str:
+        return self.host.settings.raw_topic
+
+    async def produce_raw(self, *records: tuple[bytes | None, bytes | None, list]) -> None:
+        """Write (key, value, headers) records to the Kafka input, as a foreign producer."""
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
+                                    enable_idempotence=False)
+        await producer.start()
+        try:
+            for key, value, headers in records:
+                await producer.send_and_wait(self.raw_topic, value=value, key=key,
+                                             headers=headers)
+        finally:
+            await producer.stop()
+
+    async def rejections(self, n: int, timeout: float = 30.0) -> list[dict]:
+        """The first n records on billstream.usage.rejected that came from this test's topic."""
+        topic = self.raw_topic.encode()
+        records = await read_topic(self.bootstrap, USAGE_REJECTED, n,
+                                   match=lambda r: topic in r.value, timeout=timeout)
+        return [{**orjson.loads(r.value), "_headers": dict(r.headers), "_key": r.key}
+                for r in records]
+
     async def wait_for_row(self, sql: str, *args) -> None:
         await eventually(lambda: self.host.pool.fetchval(sql, *args), message=sql)
 
@@ -103,7 +128,9 @@ def ingestion_settings(dsn: str, bootstrap: str, **extra: str) -> IngestionSetti
 
 @pytest.fixture
 async def ingestion(fresh_database, kafka_bootstrap):
-    host = build(ingestion_settings(fresh_database, kafka_bootstrap))
+    # each test's Kafka input reads its own topic: the broker is shared by the whole session
+    raw_topic = f"test.usage.raw.{unique('t')}"
+    host = build(ingestion_settings(fresh_database, kafka_bootstrap, raw_topic=raw_topic))
     await host.start(serve_http=False)
     try:
         svc = Ingestion(host, kafka_bootstrap, unique("ten"), "")

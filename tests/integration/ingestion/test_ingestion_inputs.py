@@ -1,0 +1,207 @@
+"""POST /v1/usage/events beyond the native body: CloudEvents 1.0 in structured, batch and binary
+content modes; the time window (with test clocks); backpressure (503 + Retry-After);
+the expiry of idempotency keys past the dedup window."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+
+from billstream_ingestion import tasks
+from ingestion_harness import Ingestion
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def iso(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+RECENT = iso(NOW - timedelta(hours=2))
+
+
+def cloudevent(id_, subject="acme-1", **extra):
+    return {"specversion": "1.0", "id": id_, "source": "//acme/billing", "type": "api_calls",
+            "subject": subject, "time": RECENT, **extra}
+
+
+async def test_structured_cloudevent(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events", content=orjson.dumps(cloudevent(
+            "e1", data={"quantity": 4, "region": "eu"})),
+            headers={"Content-Type": "application/cloudevents+json"})
+        again = await c.post("/v1/usage/events", content=orjson.dumps(cloudevent(
+            "e1", data={"quantity": 4, "region": "eu"})),
+            headers={"Content-Type": "application/cloudevents+json; charset=utf-8"})
+    assert r.status_code == 200, r.text
+    [res] = r.json()["results"]
+    assert (res["status"], res["idempotency_key"]) == ("accepted", "//acme/billing e1")
+    assert again.json()["results"][0]["status"] == "duplicate"
+    [event] = [e["data"] for e in await ingestion.accepted_events()]
+    assert (event["customer"], event["meter"], event["quantity"], event["properties"],
+            event["timestamp"]) == ("acme-1", "api_calls", "4", {"region": "eu"}, RECENT)
+
+
+async def test_batch_of_cloudevents_with_a_bad_one(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    batch = [cloudevent("b1"), cloudevent("b2", data={"quantity": "0.5"}),
+             {**cloudevent("b3"), "specversion": "0.3"},
+             cloudevent("b4", subject=None), cloudevent("b5", type="nope"),
+             cloudevent("b6", data={"quantity": "-1"})]
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events", content=orjson.dumps(batch),
+                         headers={"Content-Type": "application/cloudevents-batch+json"})
+        empty = await c.post("/v1/usage/events", content=b"[]",
+                             headers={"Content-Type": "application/cloudevents-batch+json"})
+    body = r.json()
+    assert (body["accepted"], body["rejected"]) == (2, 4)
+    res = body["results"]
+    assert [x["status"] for x in res] == ["accepted", "accepted"] + ["rejected"] * 4
+    assert (res[2]["code"], res[2]["param"]) == ("invalid_event", "specversion")
+    assert (res[3]["code"], res[3]["param"]) == ("invalid_event", "subject")
+    assert (res[4]["code"], res[4]["param"]) == ("unknown_meter", "type")
+    assert (res[5]["code"], res[5]["param"]) == ("invalid_event", "data.quantity")
+    assert empty.status_code == 400 and empty.json()["error"]["code"] == "parameter_invalid"
+
+
+async def test_binary_cloudevent(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    headers = {"ce-specversion": "1.0", "ce-id": "bin-1", "ce-source": "//acme/billing",
+               "ce-type": "api_calls", "ce-subject": "acme%2D7", "ce-time": RECENT,
+               "Content-Type": "application/json"}
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events", content=b'{"quantity": 2.25, "tier": "gold"}',
+                         headers=headers)
+        no_data = await c.post("/v1/usage/events", content=b"",
+                               headers={**headers, "ce-id": "bin-2"})
+    assert r.json()["results"][0]["status"] == "accepted", r.text
+    assert no_data.json()["results"][0]["status"] == "accepted", no_data.text
+    events = {e["data"]["idempotency_key"]: e["data"] for e in await ingestion.accepted_events()}
+    assert events["//acme/billing bin-1"]["customer"] == "acme-7"  # percent-decoded
+    assert events["//acme/billing bin-1"]["quantity"] == "2.25"  # exact, never a float
+    assert events["//acme/billing bin-1"]["properties"] == {"tier": "gold"}
+    assert events["//acme/billing bin-2"]["quantity"] == "1"
+
+
+async def test_the_time_window(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    window = ingestion.host.settings.dedup_window_days
+    events = [
+        {"idempotency_key": "in-old", "customer": "a", "meter": "api_calls",
+         "timestamp": iso(NOW - timedelta(days=window) + timedelta(hours=1))},
+        {"idempotency_key": "too-old", "customer": "a", "meter": "api_calls",
+         "timestamp": iso(NOW - timedelta(days=window, hours=1))},
+        {"idempotency_key": "soon", "customer": "a", "meter": "api_calls",
+         "timestamp": iso(NOW + timedelta(minutes=4))},
+        {"idempotency_key": "too-soon", "customer": "a", "meter": "api_calls",
+         "timestamp": iso(NOW + timedelta(minutes=6))},
+    ]
+    async with ingestion.client() as c:
+        res = (await c.post("/v1/usage/events", json={"events": events})).json()["results"]
+    assert [(r["status"], r.get("code")) for r in res] == [
+        ("accepted", None), ("rejected", "timestamp_out_of_window"),
+        ("accepted", None), ("rejected", "timestamp_out_of_window")]
+    assert "older than the 35-day window" in res[1]["message"]
+    assert "in the future" in res[3]["message"] and res[3]["param"] == "timestamp"
+
+
+async def test_the_window_follows_the_customers_test_clock(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    jan31 = datetime(2026, 1, 31, tzinfo=UTC)
+    clock = await ingestion.create_clock(jan31)
+    await ingestion.create_customer("clocked", test_clock_id=clock)
+    events = [
+        {"idempotency_key": "jan-1", "customer": "clocked", "meter": "api_calls",
+         "timestamp": "2026-01-01T00:00:00Z"},  # 30 days before the clock: in
+        {"idempotency_key": "dec-1", "customer": "clocked", "meter": "api_calls",
+         "timestamp": "2025-12-01T00:00:00Z"},  # 61 days before the clock: out
+        {"idempotency_key": "feb-1", "customer": "clocked", "meter": "api_calls",
+         "timestamp": "2026-02-01T00:00:00Z"},  # a day after the clock: out
+        {"idempotency_key": "wall", "customer": "clocked", "meter": "api_calls",
+         "timestamp": RECENT},  # now on the wall clock, months after the clock: out
+    ]
+    async with ingestion.client() as c:
+        res = (await c.post("/v1/usage/events", json={"events": events})).json()["results"]
+        await ingestion.advance_clock(clock, jan31, datetime(2026, 3, 1, tzinfo=UTC))
+        later = (await c.post("/v1/usage/events", json={"events": events[:1]})).json()
+    assert [r["status"] for r in res] == ["accepted", "rejected", "rejected", "rejected"]
+    # once the clock moved past the window, the January event is too old even to resend
+    assert later["results"][0]["code"] == "timestamp_out_of_window"
+
+
+async def test_backlog_answers_503_with_retry_after_and_takes_nothing(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    host = ingestion.host
+    await host.relay.stop()  # nothing is published any more: the backlog grows
+    host.app.state.admission._settings = host.settings.model_copy(
+        update={"max_relay_lag_events": 5})
+    host.app.state.admission._lag_at = float("-inf")
+    async with ingestion.client() as c:
+        first = await c.post("/v1/usage/events", json={"events": [
+            {"idempotency_key": f"bp-{i}", "customer": "a", "meter": "api_calls"}
+            for i in range(10)]})
+        host.app.state.admission._lag_at = float("-inf")
+        refused = await c.post("/v1/usage/events", json={
+            "idempotency_key": "bp-late", "customer": "a", "meter": "api_calls"},
+            headers={"Idempotency-Key": "req-1"})
+    assert first.json()["accepted"] == 10
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "ingestion_backlogged"
+    async with host.pool.acquire() as conn:
+        assert await conn.fetchval(
+            "SELECT count(*) FROM usage_keys WHERE idempotency_key = 'bp-late'") == 0
+
+
+async def test_too_many_events_in_flight_answers_503(ingestion: Ingestion):
+    admission = ingestion.host.app.state.admission
+    admission.inflight = ingestion.host.settings.max_inflight_events  # as if busy
+    try:
+        async with ingestion.client() as c:
+            r = await c.post("/v1/usage/events", json={
+                "idempotency_key": "busy", "customer": "a", "meter": "api_calls"})
+    finally:
+        admission.inflight = 0
+    assert r.status_code == 503 and r.json()["error"]["code"] == "ingestion_busy"
+    assert r.headers["retry-after"]
+
+
+async def test_keys_expire_only_past_the_window(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events", json={"events": [
+            {"idempotency_key": f"x-{i}", "customer": "a", "meter": "api_calls",
+             "timestamp": RECENT} for i in range(3)]})
+    assert r.json()["accepted"] == 3
+    host = ingestion.host
+    window = timedelta(days=host.settings.dedup_window_days)
+    # inside the window (and its one-day margin) nothing goes
+    assert await tasks.purge_once(host, now=NOW + window) == 0
+    async with host.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM usage_keys") == 3
+    # received and timestamped more than window + margin ago: they go
+    assert await tasks.purge_once(host, now=NOW + window + timedelta(days=2)) == 3
+    async with host.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM usage_keys") == 0
+
+
+async def test_keys_of_a_frozen_clock_customer_are_kept(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    jan31 = datetime(2026, 1, 31, tzinfo=UTC)
+    clock = await ingestion.create_clock(jan31)
+    await ingestion.create_customer("frozen", test_clock_id=clock)
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events", json={
+            "idempotency_key": "f-1", "customer": "frozen", "meter": "api_calls",
+            "timestamp": "2026-01-30T00:00:00Z"})
+    assert r.json()["accepted"] == 1
+    host = ingestion.host
+    far = NOW + timedelta(days=400)  # wall time long past; the clock still on Jan 31
+    assert await tasks.purge_once(host, now=far) == 0
+    await ingestion.advance_clock(clock, jan31, datetime(2026, 6, 1, tzinfo=UTC))
+    assert await tasks.purge_once(host, now=far) == 1

@@ -1,0 +1,153 @@
+"""The Kafka input (`billstream.usage.raw`) against a real broker and PostgreSQL: native and
+CloudEvents records (structured and binary), every event's outcome (accepted onto the log,
+rejected or duplicate onto billstream.usage.rejected with the reason), dedup shared with HTTP,
+and offsets committed only after the events are durable."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from billstream_testing.waiting import eventually
+from ingestion_harness import Ingestion
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+RECENT = (NOW - timedelta(hours=1)).isoformat().replace("+00:00", "Z")
+
+
+def native(key, customer="acme-1", **extra):
+    return orjson.dumps({"idempotency_key": key, "customer": customer, "meter": "api_calls",
+                         "timestamp": RECENT, **extra})
+
+
+async def accepted_keys(ingestion: Ingestion, n: int) -> dict[str, dict]:
+    async def probe():
+        events = [e for e in await ingestion.accepted_events() if e["type"] == "usage.accepted"]
+        return {e["data"]["idempotency_key"]: e["data"] for e in events} \
+            if len(events) >= n else None
+
+    return await eventually(probe, timeout=30, message=f"{n} accepted events")
+
+
+async def test_native_and_cloudevents_records_are_ingested(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    auth = ("billstream-api-key", ingestion.key.encode())
+    structured = orjson.dumps({
+        "specversion": "1.0", "id": "e-1", "source": "//acme/api", "type": "api_calls",
+        "subject": "acme-2", "time": RECENT, "data": {"quantity": "2.5", "region": "eu"}})
+    binary_headers = [auth, ("ce_specversion", b"1.0"), ("ce_id", b"e-2"),
+                      ("ce_source", b"//acme/api"), ("ce_type", b"api_calls"),
+                      ("ce_subject", b"acme-3"), ("ce_time", RECENT.encode()),
+                      ("content-type", b"application/json")]
+    await ingestion.produce_raw(
+        (b"acme-1", native("n-1", quantity=3, properties={"path": "/x"}), [auth]),
+        (b"acme-2", structured, [auth, ("content-type", b"application/cloudevents+json")]),
+        (b"acme-3", orjson.dumps({"quantity": 7, "zone": "b"}), binary_headers),
+    )
+    got = await accepted_keys(ingestion, 3)
+    assert got["n-1"]["quantity"] == "3" and got["n-1"]["properties"] == {"path": "/x"}
+    ce = got["//acme/api e-1"]
+    assert (ce["customer"], ce["meter"], ce["quantity"], ce["properties"]) == (
+        "acme-2", "api_calls", "2.5", {"region": "eu"})
+    assert ce["timestamp"] == RECENT
+    binary = got["//acme/api e-2"]
+    assert (binary["customer"], binary["quantity"], binary["properties"]) == (
+        "acme-3", "7", {"zone": "b"})
+
+
+async def test_every_refused_record_is_reported_with_its_reason(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    auth = ("billstream-api-key", ingestion.key.encode())
+    old = (NOW - timedelta(days=40)).isoformat().replace("+00:00", "Z")
+    future = (NOW + timedelta(minutes=30)).isoformat().replace("+00:00", "Z")
+    await ingestion.produce_raw(
+        (b"c", native("ok-1"), [auth]),
+        (b"c", b"{not json", [auth, ("trace", b"t-1")]),
+        (b"c", native("no-key"), []),
+        (b"c", native("bad-key"), [("billstream-api-key", b"sk_test_nope")]),
+        (b"c", native("meter-1", meter="nope"), [auth]),
+        (b"c", native("old-1", timestamp=old), [auth]),
+        (b"c", native("future-1", timestamp=future), [auth]),
+        (b"c", native("ok-1", quantity=2), [auth]),  # same key, other payload
+        (b"c", native("ok-1"), [auth]),  # the same event again
+        (b"c", orjson.dumps({"specversion": "1.0", "id": "x", "source": "//s",
+                             "type": "api_calls"}), [auth]),  # no subject
+        (b"c", b"\xff\xfe", [auth]),
+    )
+    reports = await ingestion.rejections(10)
+    by_offset = {r["source"]["offset"]: r for r in reports}
+    assert sorted(by_offset) == list(range(1, 11))  # every record but the first, once
+    expect = {
+        1: ("rejected", "invalid_json"),
+        2: ("rejected", "missing_api_key"),
+        3: ("rejected", "invalid_api_key"),
+        4: ("rejected", "unknown_meter"),
+        5: ("rejected", "timestamp_out_of_window"),
+        6: ("rejected", "timestamp_out_of_window"),
+        7: ("rejected", "idempotency_key_conflict"),
+        8: ("duplicate", "duplicate"),
+        9: ("rejected", "invalid_event"),
+        10: ("rejected", "invalid_json"),
+    }
+    assert {o: (r["status"], r["code"]) for o, r in by_offset.items()} == expect
+    assert by_offset[9]["param"] == "subject"  # named as the CloudEvents attribute
+    assert by_offset[4]["param"] == "meter" and "nope" in by_offset[4]["message"]
+    assert by_offset[8]["usage_id"] and by_offset[8]["idempotency_key"] == "ok-1"
+    assert by_offset[1]["record"]["value"] == "{not json"
+    assert by_offset[10]["record"]["value"] is None and by_offset[10]["record"]["value_base64"]
+    assert by_offset[4]["tenant_id"] == ingestion.tenant_id
+    # headers travel with the report, but never the API key
+    assert by_offset[1]["_headers"]["trace"] == b"t-1"
+    assert all("billstream-api-key" not in r["_headers"] for r in reports)
+    assert all(r["_headers"]["billstream-outcome"] == r["status"].encode() for r in reports)
+    got = await accepted_keys(ingestion, 1)
+    assert list(got) == ["ok-1"]
+
+
+async def test_dedup_is_shared_with_http(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events", json={
+            "idempotency_key": "shared-1", "customer": "acme-1", "meter": "api_calls",
+            "timestamp": RECENT})
+    assert r.json()["accepted"] == 1
+    await ingestion.produce_raw(
+        (b"acme-1", native("shared-1"), [("billstream-api-key", ingestion.key.encode())]))
+    [report] = await ingestion.rejections(1)
+    assert (report["status"], report["idempotency_key"]) == ("duplicate", "shared-1")
+    assert report["usage_id"] == r.json()["results"][0]["usage_id"]
+    assert len(await accepted_keys(ingestion, 1)) == 1
+
+
+async def test_offsets_are_committed_after_the_events_are_durable(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    auth = ("billstream-api-key", ingestion.key.encode())
+    await ingestion.produce_raw(*[(b"c", native(f"c-{i}"), [auth]) for i in range(50)])
+    await accepted_keys(ingestion, 50)
+    runner = ingestion.host.app.state.raw_input
+    consumer = AIOKafkaConsumer(bootstrap_servers=ingestion.bootstrap,
+                                group_id=runner.group_id, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(ingestion.raw_topic) or set()
+
+        async def committed() -> int:
+            total = 0
+            for p in partitions:
+                total += (await consumer.committed(TopicPartition(ingestion.raw_topic, p))) or 0
+            return total
+
+        assert await eventually(lambda: _eq(committed, 50), timeout=30)
+    finally:
+        await consumer.stop()
+    async with ingestion.host.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM usage_keys") == 50
+
+
+async def _eq(probe, value) -> bool:
+    return await probe() == value
