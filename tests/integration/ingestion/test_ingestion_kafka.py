@@ -151,3 +151,33 @@ async def test_offsets_are_committed_after_the_events_are_durable(ingestion: Ing
 
 async def _eq(probe, value) -> bool:
     return await probe() == value
+
+
+async def test_a_librdkafka_producer_works_from_the_documentation(ingestion: Ingestion):
+    """confluent-kafka (librdkafka), configured only as docs/ingestion.md says: default
+    partitioner, acks=all, the API key header, one JSON event per record."""
+    import asyncio
+
+    from confluent_kafka import Producer
+
+    await ingestion.create_meter("api_calls")
+    producer = Producer({"bootstrap.servers": ingestion.bootstrap, "acks": "all",
+                         "linger.ms": 5, "compression.type": "none"})
+    delivered: list = []
+    for i in range(200):
+        producer.produce(
+            ingestion.raw_topic, key=f"acme-{i % 7}",
+            value=native(f"rdk-{i}", customer=f"acme-{i % 7}", quantity=i),
+            headers=[("billstream-api-key", ingestion.key)],
+            on_delivery=lambda err, msg: delivered.append(err))
+    producer.produce(  # a CloudEvent in binary mode, headers as librdkafka sends them
+        ingestion.raw_topic, key="acme-1", value=b'{"quantity": "3"}',
+        headers=[("billstream-api-key", ingestion.key), ("ce_specversion", "1.0"),
+                 ("ce_id", "rdk-ce"), ("ce_source", "//rdkafka"), ("ce_type", "api_calls"),
+                 ("ce_subject", "acme-1"), ("content-type", "application/json")],
+        on_delivery=lambda err, msg: delivered.append(err))
+    remaining = await asyncio.to_thread(producer.flush, 30)
+    assert remaining == 0 and delivered == [None] * 201
+    got = await accepted_keys(ingestion, 201)
+    assert got["rdk-199"]["quantity"] == "199"
+    assert got["//rdkafka rdk-ce"]["quantity"] == "3"
