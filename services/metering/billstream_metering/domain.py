@@ -7,6 +7,9 @@ what a period summary says. Pure: no I/O.
 - sum → sum of values; count → number of events; max → largest value. No usage is 0.
 - A period summary reports, per usage charge of the plan, its meter's aggregate over every
   usage event swept for the period (see `service.summarize_period` for the sweep).
+- Corrections (`usage.voided`, `usage.amended`): a voided event counts nowhere; an amended one
+  counts with its new quantity and properties. See `correction_outcome` for which correction
+  wins.
 """
 
 from __future__ import annotations
@@ -100,6 +103,55 @@ def charge_usage(charges: Iterable[Charge], totals: Mapping[str, Totals],
 
 def usage_meters(charges: Iterable[Charge]) -> list[str]:
     return sorted({c.meter for c in charges if c.type == "usage" and c.meter})
+
+
+# ---------------------------------------------------------------- corrections
+
+CorrectionKind = Literal["void", "amend"]
+CorrectionOutcome = Literal["applied", "superseded", "billed"]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordState:
+    """What a usage row says about the corrections it carries."""
+
+    voided: bool = False
+    correction_seq: int | None = None  # log sequence of the last correction applied to it
+    billed: bool = False  # swept by a period summary
+    billed_correction_seq: int | None = None  # the last correction it carried when swept
+
+
+def correction_outcome(kind: CorrectionKind, sequence: int,
+                       state: RecordState) -> CorrectionOutcome:
+    """What a correction (at `sequence` in its source's log) does to a usage row.
+
+    - billed: the row was billed before this correction (it was swept without it): a billed
+      period never changes, so it is not applied. An amend the row could already have carried
+      when it was swept (sequence <= billed_correction_seq) is decided as usual: that is a
+      replay (rebuild) re-applying what was billed. A voided row is never swept, so no billed
+      row carries a void: a void of a billed row is always refused.
+    - A void is final: once voided, nothing applies (void and send a new event to re-count).
+      A void therefore applies even when an amend with a higher sequence came first.
+    - Amends win in log order: one with a sequence not above the last applied is superseded.
+
+    What an unbilled event counts for is the same whatever order its corrections arrive in:
+    nothing if any void arrives, else the values of the amend with the highest sequence.
+    """
+    if state.billed and (kind == "void" or state.billed_correction_seq is None
+                         or sequence > state.billed_correction_seq):
+        return "billed"
+    if state.voided:
+        return "superseded"
+    if kind == "amend" and state.correction_seq is not None and sequence <= state.correction_seq:
+        return "superseded"
+    return "applied"
+
+
+def stored_properties(properties: Mapping[str, Any] | None,
+                      meter: Meter | None) -> dict[str, Any] | None:
+    """The properties a usage row keeps: only while its meter is unknown here, to compute its
+    value when the meter arrives."""
+    return None if meter is not None else dict(properties or {})
 
 
 # ---------------------------------------------------------------- formats

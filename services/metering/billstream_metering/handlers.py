@@ -1,7 +1,8 @@
 """Consumers of metering.
 
 - `metering.usage` (billstream.usage.accepted, ingestion's log): one usage row per accepted
-  event, and `usage.period_closed` recorded as a pending close; `tasks.close_periods` answers it
+  event, corrected by `usage.voided` / `usage.amended` (see service.correct_usage), and
+  `usage.period_closed` recorded as a pending close; `tasks.close_periods` answers it
   with `usage.period_summarized` once every usage event before it in the log is applied. This
   consumer must handle every type ingestion writes to that log: the per-source watermark counts
   the events it applied (see repository.advance_watermark).
@@ -22,6 +23,10 @@ async def on_usage_accepted(ctx: EventContext) -> None:
     await service.record_usage(ctx.conn, _scope(ctx), ctx.data)
 
 
+async def on_usage_corrected(ctx: EventContext) -> None:
+    await service.correct_usage(ctx.conn, ctx.envelope, ctx.data)
+
+
 async def on_customer_created(ctx: EventContext) -> None:
     await service.learn_customer(ctx.conn, _scope(ctx), ctx.data)
 
@@ -34,7 +39,12 @@ async def on_period_closed(ctx: EventContext) -> None:
     await service.record_close(ctx.conn, ctx.envelope)
 
 
-USAGE_HANDLERS = {"usage.accepted": on_usage_accepted, "usage.period_closed": on_period_closed}
+USAGE_HANDLERS = {
+    "usage.accepted": on_usage_accepted,
+    "usage.voided": on_usage_corrected,
+    "usage.amended": on_usage_corrected,
+    "usage.period_closed": on_period_closed,
+}
 CATALOG_HANDLERS = {
     **API_KEY_HANDLERS,
     "customer.created": on_customer_created,
@@ -42,6 +52,7 @@ CATALOG_HANDLERS = {
 }
 
 #: Tables each consumer writes: emptied by `rebuild <consumer>`, refilled by replay. The
-#: period summaries and which usage they billed are metering's own state, never emptied.
-USAGE_READ_MODEL = ["usage_records", "source_watermarks"]
+#: period summaries and which usage they billed (with the last correction each billed row
+#: carried) are metering's own state, never emptied.
+USAGE_READ_MODEL = ["usage_records", "usage_corrections", "source_watermarks"]
 CATALOG_READ_MODEL = ["api_keys", "customers", "meters"]

@@ -33,6 +33,36 @@ class UsageRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Correction:
+    """A `usage.voided` or `usage.amended`, as kept in usage_corrections."""
+
+    correction_id: str
+    event_id: str
+    tenant_id: str
+    environment: str
+    usage_id: str
+    kind: str  # void | amend
+    source: str
+    sequence: int
+    occurred_at: datetime
+    quantity: Decimal | None = None  # amend: the new quantity
+    properties: dict[str, Any] | None = None  # amend: the new properties
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageState:
+    """A usage row as a correction sees it (locked)."""
+
+    usage_id: str
+    meter: str
+    quantity: Decimal
+    voided: bool
+    correction_seq: int | None
+    summary_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Customer:
     customer_id: str
     external_id: str | None
@@ -147,35 +177,41 @@ async def find_customer(conn: Conn, tenant_id: str, environment: str,
 # ---------------------------------------------------------------- usage
 
 
-async def insert_usage(conn: asyncpg.Connection, row: UsageRow) -> bool:
+async def insert_usage(conn: asyncpg.Connection, row: UsageRow) -> tuple[bool, bool]:
     """Insert one usage row (a redelivered event is a no-op). The cus_ id is the one ingestion
     resolved, else the one known here. A row whose event was already summarized before a
-    rebuild keeps its summary."""
-    done = await conn.fetchval(
+    rebuild keeps its summary. Returns (inserted, whether corrections of it are pending)."""
+    found = await conn.fetchrow(
         """
-        INSERT INTO usage_records (usage_id, tenant_id, environment, customer_ref, customer_id,
-                                   meter, quantity, value, ts, properties, summary_id)
-        VALUES ($1, $2, $3, $4,
-                coalesce($5, (SELECT customer_id FROM customers
-                               WHERE tenant_id = $2 AND environment = $3
-                                 AND (customer_id = $4 OR external_id = $4)
-                               ORDER BY (customer_id = $4) DESC LIMIT 1)),
-                $6, $7, $8, $9, $10,
-                (SELECT summary_id FROM usage_summary_items WHERE usage_id = $1))
-        ON CONFLICT (usage_id) DO NOTHING
-        RETURNING true
+        WITH inserted AS (
+            INSERT INTO usage_records (usage_id, tenant_id, environment, customer_ref,
+                                       customer_id, meter, quantity, value, ts, properties,
+                                       summary_id)
+            VALUES ($1, $2, $3, $4,
+                    coalesce($5, (SELECT customer_id FROM customers
+                                   WHERE tenant_id = $2 AND environment = $3
+                                     AND (customer_id = $4 OR external_id = $4)
+                                   ORDER BY (customer_id = $4) DESC LIMIT 1)),
+                    $6, $7, $8, $9, $10,
+                    (SELECT summary_id FROM usage_summary_items WHERE usage_id = $1))
+            ON CONFLICT (usage_id) DO NOTHING
+            RETURNING true
+        )
+        SELECT EXISTS (SELECT 1 FROM inserted) AS inserted,
+               EXISTS (SELECT 1 FROM usage_corrections
+                        WHERE usage_id = $1 AND status = 'pending') AS pending
         """,
         row.usage_id, row.tenant_id, row.environment, row.customer_ref, row.customer_id,
         row.meter, row.quantity, row.value, row.ts, row.properties,
     )
-    return bool(done)
+    return found["inserted"], found["pending"]
 
 
 async def usage_totals(conn: Conn, tenant_id: str, environment: str, refs: Sequence[str],
                        meter: str, start: datetime | None, end: datetime | None
                        ) -> tuple[Totals, str | None]:
     """Totals of a customer's usage of a meter in [start, end), and the cus_ id the rows carry
-    (when the customer is known to ingestion but not yet here)."""
+    (when the customer is known to ingestion but not yet here). Voided usage counts nowhere."""
     row = await conn.fetchrow(
         f"""
         SELECT sum(value) AS total, count(*) AS n, max(value) AS maximum,
@@ -183,10 +219,119 @@ async def usage_totals(conn: Conn, tenant_id: str, environment: str, refs: Seque
           FROM usage_records
          WHERE tenant_id = $1 AND environment = $2 AND {_REF_MATCH} AND meter = $4
            AND ($5::timestamptz IS NULL OR ts >= $5) AND ($6::timestamptz IS NULL OR ts < $6)
+           AND voided_at IS NULL
         """,
         tenant_id, environment, list(refs), meter, start, end,
     )
     return Totals(row["total"], row["n"], row["maximum"]), row["customer_id"]
+
+
+# ---------------------------------------------------------------- corrections
+
+_CORRECTION_COLUMNS = ("correction_id, event_id, tenant_id, environment, usage_id, kind, source,"
+                       " sequence, occurred_at, quantity, properties, reason")
+
+
+def _correction(row: asyncpg.Record) -> Correction:
+    return Correction(**{k: row[k] for k in Correction.__slots__})
+
+
+async def insert_correction(conn: asyncpg.Connection, c: Correction) -> bool:
+    """Record a correction as pending; False when it was recorded already."""
+    return bool(await conn.fetchval(
+        f"INSERT INTO usage_corrections ({_CORRECTION_COLUMNS})"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+        " ON CONFLICT (correction_id) DO NOTHING RETURNING true",
+        c.correction_id, c.event_id, c.tenant_id, c.environment, c.usage_id, c.kind, c.source,
+        c.sequence, c.occurred_at, c.quantity, c.properties, c.reason,
+    ))
+
+
+async def lock_usage(conn: asyncpg.Connection, tenant_id: str, environment: str,
+                     usage_id: str) -> UsageState | None:
+    """The usage row, locked until commit (a sweep of it waits, and then sees the correction;
+    or it was swept first and this sees its summary)."""
+    row = await conn.fetchrow(
+        "SELECT usage_id, meter, quantity, voided_at IS NOT NULL AS voided, correction_seq,"
+        "       summary_id"
+        "  FROM usage_records WHERE usage_id = $1 AND tenant_id = $2 AND environment = $3"
+        "   FOR UPDATE",
+        usage_id, tenant_id, environment,
+    )
+    return UsageState(**dict(row)) if row else None
+
+
+async def usage_meter(conn: asyncpg.Connection, tenant_id: str, environment: str,
+                      usage_id: str) -> str | None:
+    """The meter of a usage row (it never changes), without locking the row."""
+    return await conn.fetchval(
+        "SELECT meter FROM usage_records WHERE usage_id = $1 AND tenant_id = $2"
+        " AND environment = $3", usage_id, tenant_id, environment)
+
+
+async def billed_correction_seq(conn: asyncpg.Connection, usage_id: str) -> int | None:
+    """The sequence of the last correction a billed row carried when it was swept."""
+    return await conn.fetchval(
+        "SELECT correction_seq FROM usage_summary_items WHERE usage_id = $1", usage_id)
+
+
+async def void_usage(conn: asyncpg.Connection, usage_id: str, c: Correction) -> None:
+    await conn.execute(
+        "UPDATE usage_records SET voided_at = $2, correction_id = $3,"
+        " correction_seq = greatest(correction_seq, $4) WHERE usage_id = $1",
+        usage_id, c.occurred_at, c.correction_id, c.sequence,
+    )
+
+
+async def amend_usage(conn: asyncpg.Connection, usage_id: str, c: Correction, quantity: Decimal,
+                      value: Decimal | None, properties: dict[str, Any] | None) -> None:
+    """New quantity, value and properties; the accepted quantity stays in original_quantity."""
+    await conn.execute(
+        "UPDATE usage_records SET original_quantity = coalesce(original_quantity, quantity),"
+        " quantity = $2, value = $3, properties = $4, correction_id = $5, correction_seq = $6"
+        " WHERE usage_id = $1",
+        usage_id, quantity, value, properties, c.correction_id, c.sequence,
+    )
+
+
+async def decide_correction(conn: asyncpg.Connection, correction_id: str, status: str,
+                            previous_quantity: Decimal) -> None:
+    await conn.execute(
+        "UPDATE usage_corrections SET status = $2, previous_quantity = $3"
+        " WHERE correction_id = $1",
+        correction_id, status, previous_quantity,
+    )
+
+
+async def pending_corrections(conn: asyncpg.Connection, tenant_id: str, environment: str,
+                              usage_id: str) -> list[Correction]:
+    """The corrections of `usage_id` waiting for its row, in log order, locked."""
+    rows = await conn.fetch(
+        f"SELECT {_CORRECTION_COLUMNS} FROM usage_corrections"
+        " WHERE usage_id = $1 AND status = 'pending' AND tenant_id = $2 AND environment = $3"
+        " ORDER BY sequence FOR UPDATE",
+        usage_id, tenant_id, environment,
+    )
+    return [_correction(r) for r in rows]
+
+
+async def orphaned_corrections(conn: asyncpg.Connection, limit: int = 1000) -> list[Correction]:
+    """Pending corrections whose usage row is here after all (the row and the correction were
+    applied concurrently, from two partitions, and neither saw the other), in log order,
+    locked; rows another transaction holds are skipped."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {_CORRECTION_COLUMNS} FROM usage_corrections c
+         WHERE status = 'pending'
+           AND EXISTS (SELECT 1 FROM usage_records u
+                        WHERE u.usage_id = c.usage_id AND u.tenant_id = c.tenant_id
+                          AND u.environment = c.environment)
+         ORDER BY usage_id, sequence LIMIT $1
+           FOR UPDATE SKIP LOCKED
+        """,
+        limit,
+    )
+    return [_correction(r) for r in rows]
 
 
 # ---------------------------------------------------------------- period summaries
@@ -209,18 +354,21 @@ async def claim_summary(conn: asyncpg.Connection, summary_id: str, tenant_id: st
 async def sweep(conn: asyncpg.Connection, summary_id: str, tenant_id: str, environment: str,
                 refs: Sequence[str], meters: Sequence[str], start: datetime,
                 end: datetime) -> dict[str, Totals]:
-    """Mark every not-yet-summarized usage row of the customer's `meters` with ts in
-    [start, end) as billed by `summary_id`, and return its totals per meter."""
+    """Mark every not-yet-summarized, not voided usage row of the customer's `meters` with ts
+    in [start, end) as billed by `summary_id`, and return its totals per meter. A voided row is
+    left out (never marked, never billed: a void is final). Each billed row's item records the
+    last correction it carried (see usage_summary_items.correction_seq)."""
     rows = await conn.fetch(
         f"""
         WITH swept AS (
             UPDATE usage_records SET summary_id = $7
              WHERE tenant_id = $1 AND environment = $2 AND {_REF_MATCH}
                AND meter = ANY($4::text[]) AND ts >= $5 AND ts < $6 AND summary_id IS NULL
-            RETURNING usage_id, meter, value
+               AND voided_at IS NULL
+            RETURNING usage_id, meter, value, correction_seq
         ), items AS (
-            INSERT INTO usage_summary_items (usage_id, summary_id)
-            SELECT usage_id, $7 FROM swept
+            INSERT INTO usage_summary_items (usage_id, summary_id, correction_seq)
+            SELECT usage_id, $7, correction_seq FROM swept
             ON CONFLICT (usage_id) DO NOTHING
         )
         SELECT meter, sum(value) AS total, count(*) AS n, max(value) AS maximum

@@ -14,15 +14,17 @@ import structlog
 from billstream_contracts.events import (
     CustomerCreated,
     MeterCreated,
-    UsagePeriodClosed,
     UsageAccepted,
+    UsageAmended,
+    UsagePeriodClosed,
     UsagePeriodSummarized,
+    UsageVoided,
 )
 from billstream_contracts import Envelope
 from billstream_messaging import Cause, EventStore, NewEvent
 from billstream_metering import domain, repository
-from billstream_metering.domain import Meter, Totals
-from billstream_metering.repository import Customer, UsageRow
+from billstream_metering.domain import Meter, RecordState, Totals
+from billstream_metering.repository import Correction, Customer, UsageRow, UsageState
 from billstream_runtime.ids import new_id
 
 log = structlog.get_logger("billstream.metering")
@@ -38,20 +40,118 @@ class Scope:
 
 
 async def record_usage(conn: asyncpg.Connection, scope: Scope, data: UsageAccepted) -> None:
-    """Keep one accepted usage event (idempotent on usage_id)."""
+    """Keep one accepted usage event (idempotent on usage_id), then apply the corrections of it
+    that arrived first (pending)."""
     quantity = Decimal(data.quantity)
-    meter = await repository.get_meter(conn, scope.tenant_id, scope.environment, data.meter)
-    if meter is None:
-        # The meter's creation may still be on its way on the other topic: serialize with it,
-        # then look again; if still unknown, keep the properties to compute the value later.
-        await repository.lock_meter(conn, scope.tenant_id, scope.environment, data.meter)
-        meter = await repository.get_meter(conn, scope.tenant_id, scope.environment, data.meter)
-    await repository.insert_usage(conn, UsageRow(
+    meter = await _meter(conn, scope, data.meter)
+    inserted, pending = await repository.insert_usage(conn, UsageRow(
         usage_id=data.usage_id, tenant_id=scope.tenant_id, environment=scope.environment,
         customer_ref=data.customer, customer_id=data.customer_id, meter=data.meter,
         quantity=quantity, value=domain.usage_value(quantity, data.properties, meter),
-        ts=data.timestamp, properties=None if meter else dict(data.properties),
+        ts=data.timestamp, properties=domain.stored_properties(data.properties, meter),
     ))
+    if inserted and pending:
+        for correction in await repository.pending_corrections(
+                conn, scope.tenant_id, scope.environment, data.usage_id):
+            await _apply_correction(conn, correction)
+
+
+async def _meter(conn: asyncpg.Connection, scope: Scope, code: str) -> Meter | None:
+    meter = await repository.get_meter(conn, scope.tenant_id, scope.environment, code)
+    if meter is None:
+        # The meter's creation may still be on its way on the other topic: serialize with it,
+        # then look again; if still unknown, keep the properties to compute the value later.
+        await repository.lock_meter(conn, scope.tenant_id, scope.environment, code)
+        meter = await repository.get_meter(conn, scope.tenant_id, scope.environment, code)
+    return meter
+
+
+# ---------------------------------------------------------------- corrections
+#
+# `usage.voided` / `usage.amended` follow their usage on ingestion's log (higher sequence, same
+# partition key), and ingestion only corrects usage that no period close before them bills, so
+# normally the row is here and unbilled, and the close waits for the correction (watermark).
+# Defensive cases:
+# - the row has not arrived (a replay, or the two on different partitions): the correction is
+#   recorded as pending and applied when the row is inserted; if both were applied at the same
+#   time by two consumers, neither sees the other, and `apply_orphaned_corrections` (the close
+#   task, every poll and before every sweep) applies it;
+# - several corrections of one event, in any arrival order: `domain.correction_outcome` makes
+#   the result that of log order (a void is final; the amend with the highest sequence wins);
+# - the row was billed already: the correction is recorded as `billed`, logged as a warning and
+#   not applied, so the totals of a billed period never change.
+
+
+def _correction(envelope: Envelope, data: UsageVoided | UsageAmended) -> Correction:
+    amend = isinstance(data, UsageAmended)
+    return Correction(
+        correction_id=data.correction_id, event_id=envelope.id, tenant_id=envelope.tenant_id,
+        environment=envelope.environment, usage_id=data.usage_id,
+        kind="amend" if amend else "void", source=envelope.source, sequence=envelope.sequence,
+        occurred_at=envelope.occurred_at, reason=data.reason,
+        quantity=Decimal(data.quantity) if amend else None,
+        properties=dict(data.properties) if amend else None,
+    )
+
+
+async def correct_usage(conn: asyncpg.Connection, envelope: Envelope,
+                        data: UsageVoided | UsageAmended) -> str:
+    """Record a correction and apply it to its usage row; returns what became of it
+    (applied, superseded, billed, pending, or duplicate)."""
+    correction = _correction(envelope, data)
+    if not await repository.insert_correction(conn, correction):
+        return "duplicate"  # the same correction in another envelope
+    return await _apply_correction(conn, correction)
+
+
+async def _apply_correction(conn: asyncpg.Connection, c: Correction) -> str:
+    meter: Meter | None = None
+    code: str | None = None
+    if c.kind == "amend":
+        # The meter (and its lock when unknown) before the row lock: learn_meter takes them in
+        # that order too, so the two never deadlock.
+        code = await repository.usage_meter(conn, c.tenant_id, c.environment, c.usage_id)
+        if code is not None:
+            meter = await _meter(conn, Scope(c.tenant_id, c.environment), code)
+    row = await repository.lock_usage(conn, c.tenant_id, c.environment, c.usage_id)
+    if row is None or (c.kind == "amend" and code is None):
+        # No row yet; or (amend) it committed between the two reads: the close task's
+        # reconciliation applies the correction then.
+        log.info("usage_correction_pending", correction_id=c.correction_id, usage_id=c.usage_id)
+        return "pending"
+    state = RecordState(
+        voided=row.voided, correction_seq=row.correction_seq, billed=row.summary_id is not None,
+        billed_correction_seq=(await repository.billed_correction_seq(conn, row.usage_id)
+                               if row.summary_id else None),
+    )
+    outcome = domain.correction_outcome(c.kind, c.sequence, state)  # type: ignore[arg-type]
+    if outcome == "billed":
+        log.warning("usage_correction_of_billed_usage", correction_id=c.correction_id,
+                    usage_id=c.usage_id, kind=c.kind, summary_id=row.summary_id)
+    elif outcome == "applied":
+        if c.kind == "void":
+            await repository.void_usage(conn, row.usage_id, c)
+        else:
+            await _amend(conn, c, row, meter)
+    await repository.decide_correction(conn, c.correction_id, outcome, row.quantity)
+    return outcome
+
+
+async def _amend(conn: asyncpg.Connection, c: Correction, row: UsageState,
+                 meter: Meter | None) -> None:
+    assert c.quantity is not None
+    await repository.amend_usage(
+        conn, row.usage_id, c, c.quantity, domain.usage_value(c.quantity, c.properties, meter),
+        domain.stored_properties(c.properties, meter),
+    )
+
+
+async def apply_orphaned_corrections(conn: asyncpg.Connection) -> int:
+    """Apply pending corrections whose usage row has arrived (see above); returns how many."""
+    orphans = await repository.orphaned_corrections(conn)
+    for correction in orphans:
+        await _apply_correction(conn, correction)
+    return len(orphans)
 
 
 # ---------------------------------------------------------------- catalog
@@ -92,6 +192,8 @@ async def close_due_periods(pool: asyncpg.Pool, store: EventStore, consumer: str
     """Summarize every pending period close whose preceding usage has all been applied.
     Each close commits alone, with its summary and event; returns how many were closed."""
     closed = 0
+    async with pool.acquire() as conn, conn.transaction():
+        await apply_orphaned_corrections(conn)
     async with pool.acquire() as conn:
         sources = await repository.pending_sources(conn)
     for source in sources:
@@ -118,7 +220,8 @@ async def summarize_period(conn: asyncpg.Connection, store: EventStore, scope: S
 
     The sweep: every usage row of the subscription's customer (by its `cus_` id or external
     id), for the meters of the plan's usage charges, with `started_at <= ts < period_end` and
-    not summarized yet, is marked with this summary and aggregated. Nothing restricts it to
+    not summarized yet, is marked with this summary and aggregated, as corrected (amended
+    values; voided rows are left out, never billed). Nothing restricts it to
     `period_start`: usage that arrives late — after the period it belongs to was summarized —
     is still unsummarized at the next period end and is billed then, instead of being lost or
     counted twice. (Usage still in flight when the period ends counts as late the same way.)
@@ -148,6 +251,8 @@ async def summarize_period(conn: asyncpg.Connection, store: EventStore, scope: S
         for code in set(meter_codes) - set(meters):
             log.warning("summarizing_unknown_meter", meter=code, aggregation="sum",
                         subscription_id=sub.subscription_id)
+        # A correction applied concurrently with its usage row is billed with it.
+        await apply_orphaned_corrections(conn)
         totals = await repository.sweep(
             conn, summary_id, scope.tenant_id, scope.environment, sorted(refs), meter_codes,
             sub.started_at, data.period_end)

@@ -20,6 +20,8 @@ from billstream_contracts.events import (
     UsagePeriodClosed,
     SubscriptionSnapshot,
     UsageAccepted,
+    UsageAmended,
+    UsageVoided,
 )
 from billstream_contracts import Envelope
 from billstream_contracts.topics import SUBSCRIPTION_EVENTS, USAGE_ACCEPTED
@@ -41,6 +43,20 @@ def usage(customer: str, meter: str, quantity: str, ts: datetime, *,
         usage_id=usage_id or new_id("use"), idempotency_key=unique("k"), customer=customer,
         customer_id=customer_id, meter=meter, quantity=quantity, timestamp=ts,
         properties=properties or {})
+
+
+def void(original: UsageAccepted, reason: str | None = None) -> UsageVoided:
+    """Ingestion's `usage.voided` of `original`."""
+    return UsageVoided(correction_id=new_id("ucor"), usage_id=original.usage_id,
+                       idempotency_key=original.idempotency_key, reason=reason)
+
+
+def amend(original: UsageAccepted, quantity: str, properties: dict | None = None,
+          reason: str | None = None) -> UsageAmended:
+    """Ingestion's `usage.amended` of `original`: its new quantity and properties in full."""
+    return UsageAmended(correction_id=new_id("ucor"), usage_id=original.usage_id,
+                        idempotency_key=original.idempotency_key, quantity=quantity,
+                        properties=properties or {}, reason=reason)
 
 
 def plan(*meters: str) -> PlanSnapshot:
@@ -114,6 +130,49 @@ class Metering:
 
     async def redeliver(self, env: Envelope) -> None:
         await publish(self.bootstrap, USAGE_ACCEPTED, env)
+
+    def log_envelope(self, data: UsageAccepted | UsageVoided | UsageAmended,
+                     original: UsageAccepted | None = None) -> Envelope:
+        """`data` next in this log, keyed like its usage event (`original` for a correction),
+        as `publish_usage` does; not published (see `publish_log`)."""
+        about = original or data
+        assert isinstance(about, UsageAccepted)
+        return envelope(data, tenant_id=self.tenant_id, source=self.source,
+                        aggregate_type="customer",
+                        aggregate_id=about.customer_id or about.customer,
+                        occurred_at=data.timestamp if original is None else None,
+                        sequence=next(self.sequence))
+
+    async def publish_log(self, *envs: Envelope) -> None:
+        """Publish envelopes of this log as they are (in this order)."""
+        await publish(self.bootstrap, USAGE_ACCEPTED, *envs)
+
+    async def publish_corrections(self, original: UsageAccepted,
+                                  *datas: UsageVoided | UsageAmended) -> list[Envelope]:
+        """Corrections of `original`, next in this log; returned for redelivery."""
+        envs = [self.log_envelope(d, original) for d in datas]
+        await self.publish_log(*envs)
+        return envs
+
+    async def corrections(self, usage_id: str) -> list[dict]:
+        """The correction history of one usage event, in log order."""
+        rows = await self.host.pool.fetch(
+            "SELECT * FROM usage_corrections WHERE usage_id = $1 ORDER BY sequence", usage_id)
+        return [dict(r) for r in rows]
+
+    async def wait_for_corrections(self, n: int, status: str | None = None) -> None:
+        """Until `n` corrections of this tenant are decided (any status but pending), or have
+        `status`."""
+        async def probe():
+            return await self.host.pool.fetchval(
+                "SELECT count(*) FROM usage_corrections WHERE tenant_id = $1"
+                " AND CASE WHEN $2::text IS NULL THEN status <> 'pending' ELSE status = $2 END",
+                self.tenant_id, status) == n
+        await eventually(probe, message=f"{n} corrections {status or 'decided'}")
+
+    async def usage_row(self, usage_id: str) -> dict:
+        return dict(await self.host.pool.fetchrow(
+            "SELECT * FROM usage_records WHERE usage_id = $1", usage_id))
 
     async def add_key(self, kind: str = "secret") -> str:
         prefix = {"secret": "sk", "publishable": "pk"}[kind]
