@@ -206,3 +206,27 @@ def test_default_timestamp_follows_the_test_clock():
     assert default_timestamp(None, now) == now
     assert default_timestamp(KnownCustomer("cus_1", "acme", None), now) == now
     assert default_timestamp(KnownCustomer("cus_1", "acme", frozen), now) == frozen
+
+
+def test_the_hot_path_usage_accepted_matches_the_contract():
+    """service._accepted_event builds the UsageAccepted JSON without the model: it must be what
+    the model would publish, field for field."""
+    import orjson
+
+    from billstream_contracts.events import UsageAccepted
+    from billstream_ingestion.repository import KeyClaim
+    from billstream_ingestion.service import Scope, _accepted_event
+
+    parsed = parse(event(quantity="2.50", timestamp="2026-01-05T10:00:00.25+02:00",
+                         properties={"region": "eu", "n": Decimal("1.10")}))
+    claim = KeyClaim("k1", parsed.payload_hash, "use_1", "evt_1", "acme-1",
+                     parsed.timestamp)
+    new = _accepted_event(Scope("ten_1", "test"), parsed, claim,
+                          KnownCustomer("cus_1", "acme-1", None))
+    wire = orjson.loads(orjson.dumps(new.data, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC))
+    model = UsageAccepted.model_validate(wire)
+    assert model.model_dump(mode="json") == {**wire, "timestamp": "2026-01-05T08:00:00.250000Z"}
+    assert wire["timestamp"] == "2026-01-05T08:00:00.250000Z"
+    assert (new.type, new.version, new.id) == (UsageAccepted.event_type, UsageAccepted.version,
+                                               "evt_1")
+    assert wire["quantity"] == "2.5" and wire["properties"] == {"region": "eu", "n": "1.1"}
