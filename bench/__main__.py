@@ -10,18 +10,21 @@ import os
 import platform
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-BENCHMARKS = [name for name in os.environ.get("BENCH_ONLY", "ceilings").split(",") if name]
+BENCHMARKS = [name for name in os.environ.get("BENCH_ONLY", "ceilings,ingestion").split(",")
+              if name]
 
 
 @dataclass
 class Context:
     kafka_bootstrap: str
     server_dsn: str
+    #: the records of the benchmarks already run in this run, by name (ingestion reads ceilings)
+    results: dict = field(default_factory=dict)
 
     def database_url(self, name: str) -> str:
         from billstream_localstack.postgres import dsn_for_database
@@ -33,7 +36,7 @@ async def _main(ctx: Context) -> dict:
     from billstream_localstack.postgres import create_database
 
     await create_database(ctx.server_dsn, "bench")
-    results = {}
+    results = ctx.results
     for name in BENCHMARKS:
         module = importlib.import_module(f"bench.{name}")
         print(f"bench: running {name} ...", flush=True)
@@ -59,7 +62,8 @@ def _summary(results: dict) -> str:
         for group, figures in record["figures"].items():
             if isinstance(figures, dict):
                 for key, value in figures.items():
-                    lines.append(f"| {group}.{key} | {value:,} |" if isinstance(value, int)
+                    counted = isinstance(value, int) and not isinstance(value, bool)
+                    lines.append(f"| {group}.{key} | {value:,} |" if counted
                                  else f"| {group}.{key} | {value} |")
             else:
                 lines.append(f"| {group} | {figures} |")
