@@ -317,12 +317,24 @@ class LoadGenerator:
 # ------------------------------------------------------------------------------ measuring
 
 
+def with_workers(pid: int | None) -> list[int]:
+    """A service's process and its pre-forked workers (BILLSTREAM_INGESTION_WORKERS)."""
+    if not pid:
+        return []
+    try:
+        return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return [pid]
+
+
 class RssSampler:
-    """VmRSS of the ingestion process every 100 ms (it follows `pid` across a restart)."""
+    """VmRSS of the ingestion process(es) every 100 ms (it follows `pid` across a restart).
+    With several workers, `peak_mb` is the largest single process, `peak_total_mb` all."""
 
     def __init__(self) -> None:
         self.pid: int | None = None
-        self.samples: list[tuple[float, float]] = []  # (monotonic, MB)
+        self.samples: list[tuple[float, float]] = []  # (monotonic, MB of the largest process)
+        self.totals: list[tuple[float, float]] = []  # (monotonic, MB of all of them)
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -337,11 +349,17 @@ class RssSampler:
     async def _run(self) -> None:
         while True:
             if self.pid:
-                with contextlib.suppress(OSError):
-                    status = Path(f"/proc/{self.pid}/status").read_text()
-                    match = re.search(r"^VmRSS:\s+(\d+)", status, re.MULTILINE)
-                    if match:  # an exited process (a zombie) has none
-                        self.samples.append((time.monotonic(), int(match.group(1)) / 1024))
+                sizes = []
+                for pid in with_workers(self.pid):
+                    with contextlib.suppress(OSError):
+                        status = Path(f"/proc/{pid}/status").read_text()
+                        match = re.search(r"^VmRSS:\s+(\d+)", status, re.MULTILINE)
+                        if match:  # an exited process (a zombie) has none
+                            sizes.append(int(match.group(1)) / 1024)
+                if sizes:
+                    now = time.monotonic()
+                    self.samples.append((now, max(sizes)))
+                    self.totals.append((now, sum(sizes)))
             await asyncio.sleep(0.1)
 
     def window(self, start: float, end: float) -> dict:
@@ -349,8 +367,10 @@ class RssSampler:
         if not values:
             return {}
         second_half = values[len(values) // 2:]
+        totals = [mb for t, mb in self.totals if start <= t <= end]
         return {"peak_mb": round(max(values), 1),
-                "steady_mb": round(statistics.median(second_half), 1)}
+                "steady_mb": round(statistics.median(second_half), 1),
+                "peak_total_mb": round(max(totals), 1)}
 
 
 class CpuMeter:
@@ -579,7 +599,7 @@ class Bench:
 
     def cpu_meter(self, generator_pid: int | None) -> CpuMeter:
         return CpuMeter({
-            "ingestion": lambda: [self.platform.ingestion.pid],
+            "ingestion": lambda: with_workers(self.platform.ingestion.pid),
             "postgres": postgres_pids(self.postmaster),
             "broker": lambda: [self.broker] if self.broker else [],
             "generator": lambda: [generator_pid] if generator_pid else [],
@@ -997,6 +1017,8 @@ async def run(ctx) -> dict:
         ceilings, source = load_ceilings(ctx)
         figures = {
             "setup": {"seconds": round(setup_s, 1), "services": "ingestion, subscription",
+                      "ingestion_workers": int(os.environ.get("BILLSTREAM_INGESTION_WORKERS",
+                                                              "2")),
                       "profiled": PROFILE},
             "http_batches": http,
             "latency_at_20k": latency,

@@ -89,42 +89,49 @@ class EventStore:
         if not conn.is_in_transaction():
             raise RuntimeError("EventStore.append must run inside a transaction")
         n = len(events)
+        recorded_at = datetime.now(UTC)
+        carrier = current_carrier() or None
+        source = self.source
+        keep_data = self.keep_data
+        # Everything but the sequence is encoded before the head lock is taken: appends
+        # serialize on that lock until commit, so the less done under it, the better.
+        prepared = []
+        for ev in events:
+            etype, version, data = ev.resolved()
+            correlation = ev.correlation_id or (cause.correlation_id if cause else None) or ev.id
+            causation = ev.causation_id or (cause.event_id if cause else None)
+            tail = orjson.dumps({
+                "id": ev.id, "type": etype, "version": version, "tenant_id": ev.tenant_id,
+                "environment": ev.environment, "occurred_at": ev.occurred_at,
+                "recorded_at": recorded_at, "source": source,
+                "aggregate_type": ev.aggregate_type, "aggregate_id": ev.aggregate_id,
+                "correlation_id": correlation, "causation_id": causation, "data": data,
+            }, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC)[1:]
+            prepared.append((ev, etype, version, data, correlation, causation, tail))
         last = await conn.fetchval(
             "UPDATE event_log_head SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq",
             n,
         )
         first = last - n + 1
-        recorded_at = datetime.now(UTC)
-        carrier = current_carrier() or None
-        rows = []
-        envelopes = []
-        source = self.source
-        keep_data = self.keep_data
-        for offset, ev in enumerate(events):
-            etype, version, data = ev.resolved()
-            correlation = ev.correlation_id or (cause.correlation_id if cause else None) or ev.id
-            causation = ev.causation_id or (cause.event_id if cause else None)
-            encoded = orjson.dumps({
-                "id": ev.id, "type": etype, "version": version, "tenant_id": ev.tenant_id,
-                "environment": ev.environment, "occurred_at": ev.occurred_at,
-                "recorded_at": recorded_at, "source": source, "sequence": first + offset,
-                "aggregate_type": ev.aggregate_type, "aggregate_id": ev.aggregate_id,
-                "correlation_id": correlation, "causation_id": causation, "data": data,
-            }, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC)
-            row = (
-                first + offset, ev.id, ev.topic or self.topic, etype, version, ev.tenant_id,
-                ev.environment, ev.aggregate_type, ev.aggregate_id, ev.occurred_at, recorded_at,
-                correlation, causation, carrier, data if keep_data else None, encoded,
+        rows = [
+            (first + offset, ev.id, ev.topic or self.topic, etype, version, ev.tenant_id,
+             ev.environment, ev.aggregate_type, ev.aggregate_id, ev.occurred_at, recorded_at,
+             correlation, causation, carrier, data if keep_data else None,
+             b'{"sequence":%d,' % (first + offset) + tail)
+            for offset, (ev, etype, version, data, correlation, causation, tail)
+            in enumerate(prepared)
+        ]
+        envelopes = [
+            Envelope(
+                id=ev.id, type=etype, version=version, tenant_id=ev.tenant_id,
+                environment=ev.environment, occurred_at=ev.occurred_at,
+                recorded_at=recorded_at, source=source, sequence=first + offset,
+                aggregate_type=ev.aggregate_type, aggregate_id=ev.aggregate_id,
+                correlation_id=correlation, causation_id=causation, data=data,
             )
-            rows.append(row)
-            if returning:
-                envelopes.append(Envelope(
-                    id=ev.id, type=etype, version=version, tenant_id=ev.tenant_id,
-                    environment=ev.environment, occurred_at=ev.occurred_at,
-                    recorded_at=recorded_at, source=self.source, sequence=first + offset,
-                    aggregate_type=ev.aggregate_type, aggregate_id=ev.aggregate_id,
-                    correlation_id=correlation, causation_id=causation, data=data,
-                ))
+            for offset, (ev, etype, version, data, correlation, causation, _tail)
+            in enumerate(prepared)
+        ] if returning else []
         if n >= _COPY_THRESHOLD:
             await conn.copy_records_to_table("event_log", records=rows, columns=_COLUMNS)
         else:

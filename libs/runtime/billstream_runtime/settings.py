@@ -25,6 +25,9 @@ class ServiceSettings(BaseModel):
     kafka_bootstrap: str = "127.0.0.1:9092"
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    # Processes serving this service (pre-forked, sharing the HTTP socket; see
+    # billstream_messaging.host.serve_workers). Each is a full replica.
+    workers: int = 1
     admin_token: str = ""
     log_level: str = "INFO"
     log_json: bool = True

@@ -75,7 +75,7 @@ class EventError(ValueError):
         self.param = param
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs a setattr per field
 class UsageEvent:
     """A syntactically valid usage event, normalized."""
 
@@ -90,7 +90,7 @@ class UsageEvent:
     quantity_text: str = ""  # the normalized decimal string of `quantity`
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
     index: int
     idempotency_key: str | None
@@ -103,10 +103,13 @@ class Outcome:
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index, "idempotency_key": self.idempotency_key,
                                "status": self.status}
-        for name in ("usage_id", "code", "message", "param"):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
+        if self.usage_id is not None:
+            out["usage_id"] = self.usage_id
+        if self.code is not None:
+            out["code"] = self.code
+            out["message"] = self.message
+            if self.param is not None:
+                out["param"] = self.param
         return out
 
 
@@ -150,39 +153,52 @@ def split_body(body: Any, max_events: int) -> list[Any]:
 
 def parse_event(index: int, raw: Any, *, max_properties_bytes: int) -> UsageEvent | Outcome:
     """Validate and normalize one raw event; a rejected Outcome when it is unusable."""
-    key = raw.get("idempotency_key") if isinstance(raw, dict) else None
+    if type(raw) is not dict:
+        return rejected(index, None, "invalid_event", "Each usage event must be a JSON object")
+    key = raw.get("idempotency_key")
     try:
-        if not isinstance(raw, dict):
-            raise EventError("invalid_event", "Each usage event must be a JSON object")
         if not EVENT_FIELDS.issuperset(raw):
             unknown = sorted(set(raw) - EVENT_FIELDS)
             raise EventError("invalid_event", f"Unknown field '{unknown[0]}'", unknown[0])
-        idempotency_key = _text(raw, "idempotency_key", MAX_KEY_LENGTH)
-        customer = _text(raw, "customer", MAX_REF_LENGTH)
-        meter = _text(raw, "meter", MAX_REF_LENGTH)
+        customer = raw.get("customer")
+        meter = raw.get("meter")
+        # the common case (three short ASCII strings) in one test; _text explains the others
+        if not (type(key) is str and type(customer) is str and type(meter) is str
+                and 0 < len(key) <= MAX_KEY_LENGTH and 0 < len(customer) <= MAX_REF_LENGTH
+                and 0 < len(meter) <= MAX_REF_LENGTH
+                and key.isascii() and customer.isascii() and meter.isascii()):
+            key = _text(raw, "idempotency_key", MAX_KEY_LENGTH)
+            customer = _text(raw, "customer", MAX_REF_LENGTH)
+            meter = _text(raw, "meter", MAX_REF_LENGTH)
         raw_quantity = raw.get("quantity")
         quantity_text = normalize_quantity(1 if raw_quantity is None else raw_quantity)
-        timestamp = None
-        if raw.get("timestamp") is not None:
-            timestamp = parse_timestamp(raw["timestamp"], "timestamp")
+        raw_timestamp = raw.get("timestamp")
+        timestamp = None if raw_timestamp is None else parse_timestamp(raw_timestamp,
+                                                                       "timestamp")
         props_raw = raw.get("properties")
-        if props_raw is None:
-            props_raw = {}
-        if not isinstance(props_raw, dict):
-            raise EventError("invalid_event", "properties must be a JSON object", "properties")
-        properties = json_safe(props_raw, "properties") if props_raw else {}
-        size = len(canonical_json(properties)) if properties else 2
-        if size > max_properties_bytes:
-            raise EventError("properties_too_large",
-                             f"properties serialize to {size} bytes; at most "
-                             f"{max_properties_bytes} are allowed", "properties")
+        if not props_raw:
+            if props_raw is not None and type(props_raw) is not dict:
+                raise EventError("invalid_event", "properties must be a JSON object",
+                                 "properties")
+            properties: dict[str, Any] = {}
+            if max_properties_bytes < 2:  # "{}"
+                raise EventError("properties_too_large", "properties serialize to 2 bytes; "
+                                 f"at most {max_properties_bytes} are allowed", "properties")
+        else:
+            if type(props_raw) is not dict:
+                raise EventError("invalid_event", "properties must be a JSON object",
+                                 "properties")
+            properties = json_safe(props_raw, "properties")
+            size = len(canonical_json(properties))
+            if size > max_properties_bytes:
+                raise EventError("properties_too_large",
+                                 f"properties serialize to {size} bytes; at most "
+                                 f"{max_properties_bytes} are allowed", "properties")
     except EventError as err:
         return rejected(index, key, err.code, err.message, err.param)
     return UsageEvent(
-        index=index, idempotency_key=idempotency_key, customer=customer, meter=meter,
-        quantity=Decimal(quantity_text), timestamp=timestamp, properties=properties,
-        payload_hash=payload_hash(customer, meter, quantity_text, timestamp, properties),
-        quantity_text=quantity_text,
+        index, key, customer, meter, Decimal(quantity_text), timestamp, properties,
+        payload_hash(customer, meter, quantity_text, timestamp, properties), quantity_text,
     )
 
 
@@ -253,16 +269,29 @@ def parse_quantity(value: Any) -> Decimal:
 
 
 def parse_timestamp(value: Any, param: str) -> datetime:
-    """An RFC 3339 timestamp with an offset, as an aware UTC datetime."""
-    if not isinstance(value, str) or not _RFC3339_RE.match(value):
+    """An RFC 3339 timestamp with an offset, as an aware UTC datetime (to the microsecond:
+    further digits are dropped)."""
+    if type(value) is not str or not _RFC3339_RE.match(value):
         raise EventError("invalid_event",
                          f"{param} must be an RFC 3339 timestamp such as "
                          "2026-01-31T12:00:00Z", param)
-    text = value[:-1] + "+00:00" if value[-1] in "Zz" else value
     try:
-        return datetime.fromisoformat(text.replace("t", "T")).astimezone(UTC)
+        parsed = _TIMESTAMPS.get(value)
+        if parsed is None:
+            parsed = datetime.fromisoformat(value.replace("t", "T").replace("z", "Z"))
+            parsed = parsed.astimezone(UTC) if parsed.utcoffset() else parsed.replace(
+                tzinfo=UTC)
+            if len(_TIMESTAMPS) > 4096:
+                _TIMESTAMPS.clear()
+            _TIMESTAMPS[value] = parsed
+        return parsed
     except (ValueError, OverflowError) as exc:
         raise EventError("invalid_event", f"{param}: {exc}", param) from exc
+
+
+#: Producers send many events with the same timestamp text (a batch of one second's calls):
+#: parsing each distinct text once is enough.
+_TIMESTAMPS: dict[str, datetime] = {}
 
 
 def window_error(timestamp: datetime, now: datetime, window: timedelta,
@@ -394,9 +423,9 @@ def resolve_outcomes(
                 "idempotency_key"))
         elif inserted and ev.idempotency_key not in accepted_keys:
             accepted_keys.add(ev.idempotency_key)
-            out.append(Outcome(ev.index, ev.idempotency_key, "accepted", usage_id=usage_id))
+            out.append(Outcome(ev.index, ev.idempotency_key, "accepted", usage_id))
         else:
-            out.append(Outcome(ev.index, ev.idempotency_key, "duplicate", usage_id=usage_id))
+            out.append(Outcome(ev.index, ev.idempotency_key, "duplicate", usage_id))
     return out
 
 

@@ -91,15 +91,16 @@ async def test_binary_cloudevent(ingestion: Ingestion):
 async def test_the_time_window(ingestion: Ingestion):
     await ingestion.create_meter("api_calls")
     window = ingestion.host.settings.dedup_window_days
+    now = datetime.now(UTC).replace(microsecond=0)  # not import time: the window is now's
     events = [
         {"idempotency_key": "in-old", "customer": "a", "meter": "api_calls",
-         "timestamp": iso(NOW - timedelta(days=window) + timedelta(hours=1))},
+         "timestamp": iso(now - timedelta(days=window) + timedelta(hours=1))},
         {"idempotency_key": "too-old", "customer": "a", "meter": "api_calls",
-         "timestamp": iso(NOW - timedelta(days=window, hours=1))},
+         "timestamp": iso(now - timedelta(days=window, hours=1))},
         {"idempotency_key": "soon", "customer": "a", "meter": "api_calls",
-         "timestamp": iso(NOW + timedelta(minutes=4))},
+         "timestamp": iso(now + timedelta(minutes=4))},
         {"idempotency_key": "too-soon", "customer": "a", "meter": "api_calls",
-         "timestamp": iso(NOW + timedelta(minutes=6))},
+         "timestamp": iso(now + timedelta(minutes=6))},
     ]
     async with ingestion.client() as c:
         res = (await c.post("/v1/usage/events", json={"events": events})).json()["results"]
