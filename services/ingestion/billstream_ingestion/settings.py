@@ -12,6 +12,9 @@ from billstream_runtime.settings import ServiceSettings, load_settings
 
 class IngestionSettings(ServiceSettings):
     service_name: str = "ingestion"
+    # Two processes by default: one Python process saturates one core at about 20,000 events/s
+    # (see bench/README.md); a second uses what PostgreSQL and the broker leave.
+    workers: int = 2
     # How long one request waits, once, for a just-created meter to reach this service's
     # projection before rejecting its events as `unknown_meter`. Short: ingest is a hot path.
     projection_wait_s: float = 1.0
