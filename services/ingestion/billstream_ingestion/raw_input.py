@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("billstream.ingestion.raw")
 
-#: How long a refused API key is refused without asking (or waiting for) the projection again.
+#: How long a refused API key is refused without asking (or waiting for) the projection again;
+#: and how long after an unknown meter a tenant's events are not waited for again.
 _REFUSED_KEY_TTL_S = 10.0
 
 
@@ -57,6 +58,7 @@ class RawInput:
         self.polls = 0
         self.outcomes: Counter[str] = Counter()
         self._refused_keys: dict[str, tuple[float, ApiError]] = {}  # key → (until, why)
+        self._unknown_meter_at: dict[service.Scope, float] = {}
 
     @property
     def group_id(self) -> str:
@@ -153,8 +155,17 @@ class RawInput:
             indices, raws = groups.setdefault(scope, ([], []))
             indices.append(index)
             raws.append(d.raw)
-        prepared = [await service.prepare(self.host.pool, settings, scope, raws, indices=indices)
-                    for scope, (indices, raws) in groups.items()]
+        prepared = []
+        now = time.monotonic()
+        for scope, (indices, raws) in groups.items():
+            # a tenant whose events named an unknown meter a moment ago is not waited for
+            # again: a producer with a typo must not slow the whole input down
+            recent = self._unknown_meter_at.get(scope, float("-inf")) > now - _REFUSED_KEY_TTL_S
+            batch = await service.prepare(self.host.pool, settings, scope, raws,
+                                          indices=indices, meter_wait_s=0 if recent else None)
+            if any(o.code == "unknown_meter" for o in batch.outcomes):
+                self._unknown_meter_at[scope] = now
+            prepared.append(batch)
         for outcome in await self._write(prepared):
             outcomes[outcome.index] = outcome
         await self._report(records, decoded, outcomes, groups, producer)

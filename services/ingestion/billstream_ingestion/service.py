@@ -92,9 +92,11 @@ async def prepare(
     now: datetime | None = None,
     *,
     indices: Sequence[int] | None = None,
+    meter_wait_s: float | None = None,
 ) -> Prepared:
     """The read-only half of ingest: validation, meters, customers and the time window.
-    Outcomes carry `indices[i]` for `raw_events[i]` (default: the position)."""
+    Outcomes carry `indices[i]` for `raw_events[i]` (default: the position); unknown meters
+    are waited for `meter_wait_s` (default: `projection_wait_s`)."""
     now = now or datetime.now(UTC)
     prepared = Prepared(scope)
     outcomes = prepared.outcomes
@@ -110,7 +112,8 @@ async def prepare(
     if not valid:
         return prepared
 
-    valid, unknown = await _check_meters(pool, settings, scope, valid)
+    wait = settings.projection_wait_s if meter_wait_s is None else meter_wait_s
+    valid, unknown = await _check_meters(pool, scope, valid, wait)
     outcomes += [
         domain.rejected(ev.index, ev.idempotency_key, "unknown_meter",
                         f"No such meter: '{ev.meter}'", "meter")
@@ -119,10 +122,13 @@ async def prepare(
     if not valid:
         return prepared
 
-    customers = await repository.known_customers(
-        pool, scope.tenant_id, scope.environment, {ev.customer for ev in valid})
+    refs = {ev.customer for ev in valid}
+    customers = await repository.known_customers(pool, scope.tenant_id, scope.environment,
+                                                 refs)
     window = timedelta(days=settings.dedup_window_days)
     future = timedelta(seconds=settings.future_tolerance_s)
+    customers = await _clocks_caught_up(pool, scope, valid, customers, refs, future,
+                                        settings.projection_wait_s)
     in_window = []
     for ev in valid:
         customer = customers.get(ev.customer)
@@ -170,7 +176,35 @@ async def write(conn: asyncpg.Connection, store: EventStore,
     return outcomes
 
 
-async def _check_meters(pool, settings, scope, events):
+async def _clocks_caught_up(pool, scope, events, customers, refs, future: timedelta,
+                            wait_s: float) -> dict[str, KnownCustomer]:
+    """Read-your-writes for test clocks: an event dated after its customer's clock time (as
+    this service knows it) may follow a clock advance that has not reached the projection
+    yet — a script advances the clock, then sends that period's usage. Such events wait, once,
+    up to `wait_s` for the projection to show the clock at their time before the window is
+    judged."""
+    def ahead(known: dict[str, KnownCustomer]) -> bool:
+        for ev in events:
+            customer = known.get(ev.customer)
+            if (customer is not None and customer.clock_time is not None
+                    and ev.timestamp is not None and ev.timestamp > customer.clock_time + future):
+                return True
+        return False
+
+    if wait_s <= 0 or not ahead(customers):
+        return customers
+
+    async def caught_up() -> bool:
+        nonlocal customers
+        customers = await repository.known_customers(pool, scope.tenant_id, scope.environment,
+                                                     refs)
+        return not ahead(customers)
+
+    await wait_for(caught_up, wait_s)
+    return customers
+
+
+async def _check_meters(pool, scope, events, wait_s: float):
     codes = {ev.meter for ev in events}
     known = await repository.known_meters(pool, scope.tenant_id, scope.environment, codes)
     if codes - known:
@@ -180,7 +214,8 @@ async def _check_meters(pool, settings, scope, events):
                                                   codes)
             return codes <= known
 
-        await wait_for(all_known, settings.projection_wait_s)
+        if wait_s > 0:
+            await wait_for(all_known, wait_s)
     good = [ev for ev in events if ev.meter in known]
     bad = [ev for ev in events if ev.meter not in known]
     return good, bad

@@ -206,3 +206,33 @@ async def test_keys_of_a_frozen_clock_customer_are_kept(ingestion: Ingestion):
     assert await tasks.purge_once(host, now=far) == 0
     await ingestion.advance_clock(clock, jan31, datetime(2026, 6, 1, tzinfo=UTC))
     assert await tasks.purge_once(host, now=far) == 1
+
+
+async def test_usage_sent_right_after_a_clock_advance_waits_for_it(ingestion: Ingestion):
+    """A script advances the clock, then sends that period's usage at once: the advance may
+    not have reached ingestion yet. The events wait for it instead of being judged against
+    the old clock time (they would look a month in the future)."""
+    import asyncio
+
+    from billstream_contracts.events import TestClockAdvanced
+
+    await ingestion.create_meter("api_calls")
+    jan1, jan31 = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 31, tzinfo=UTC)
+    clock = await ingestion.create_clock(jan1)
+    await ingestion.create_customer("rushed", test_clock_id=clock)
+    state = ingestion.host.app.state
+    state.settings = state.settings.model_copy(update={"projection_wait_s": 5.0})
+
+    async def advance_a_moment_later():
+        await asyncio.sleep(0.15)  # the request below is already being judged
+        await ingestion.publish(TestClockAdvanced(test_clock_id=clock, previous_time=jan1,
+                                                  frozen_time=jan31))
+
+    async def send():
+        async with ingestion.client() as c:
+            return (await c.post("/v1/usage/events", json={"events": [
+                {"idempotency_key": f"r-{i}", "customer": "rushed", "meter": "api_calls",
+                 "timestamp": f"2026-01-{10 + i}T00:00:00Z"} for i in range(5)]})).json()
+
+    body, _ = await asyncio.gather(send(), advance_a_moment_later())
+    assert body["accepted"] == 5, body["results"]
