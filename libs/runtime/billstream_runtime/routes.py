@@ -45,6 +45,7 @@ class Route:
 
 ROUTES: tuple[Route, ...] = (
     Route(r"^/v1/usage/events(/|$)", "ingestion"),
+    Route(r"^/v1/usage/corrections(/|$)", "ingestion"),
     Route(r"^/v1/usage(/|$)", "metering"),
     Route(r"^/v1/entitlements(/|$)", "metering"),
     Route(r"^/v1/customers/[^/]+/payment_methods(/|$)", "payments"),
