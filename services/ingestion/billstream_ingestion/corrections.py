@@ -185,7 +185,7 @@ async def usage_event(pool: asyncpg.Pool, scope: Scope, idempotency_key: str) ->
         "original": {"quantity": original["quantity"],
                      "properties": original.get("properties", {})},
         "corrections": [as_object(c) for c in history],
-        "created": key["created_at"],
+        "created": key["created_at"].replace(microsecond=0),
     }
 
 
@@ -207,7 +207,7 @@ def as_object(row) -> dict[str, Any]:
         "idempotency_key": row["idempotency_key"],
         "usage_id": row["usage_id"],
         "reason": row["reason"],
-        "created": row["created_at"],
+        "created": row["created_at"].replace(microsecond=0),
     }
     if row["action"] == "amend":
         out["quantity"] = row["quantity"]
