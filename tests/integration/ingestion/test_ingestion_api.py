@@ -256,3 +256,25 @@ async def test_a_period_end_is_ordered_behind_the_usage_accepted_before_it(inges
     assert close["topic"] == USAGE_ACCEPTED and close["causation_id"] is not None
     assert close["data"]["subscription"]["subscription_id"] == "sub_1"
     assert close["seq"] > max(e["seq"] for e in log[:-1])
+
+
+async def test_unicode_everywhere_and_a_broken_string_alone_is_rejected(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    body = (b'{"events": ['
+            b'{"idempotency_key": "\xd0\xba\xd0\xbb\xd1\x8e\xd1\x87-\xf0\x9f\x98\x80", '
+            b'"customer": "\xe9\xa1\xa7\xe5\xae\xa2-1", "meter": "api_calls", '
+            b'"properties": {"\xe5\x9c\xb0\xe5\x9f\x9f": "\xc3\xa9t\xc3\xa9", "\\u00e9": 1}},'
+            b'{"idempotency_key": "lone", "customer": "\\ud800", "meter": "api_calls"},'
+            b'{"idempotency_key": "\\ud83d\\ude00-escaped", "customer": "c", "meter": "api_calls"}'
+            b']}')
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events", content=body,
+                         headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["status"] for x in res] == ["accepted", "rejected", "accepted"]
+    assert (res[1]["code"], res[1]["param"]) == ("invalid_event", "customer")
+    assert res[2]["idempotency_key"] == "\U0001F600-escaped"  # a valid surrogate pair
+    data = {e["data"]["idempotency_key"]: e["data"] for e in await ingestion.accepted_events()}
+    assert data["ключ-😀"]["customer"] == "顧客-1"
+    assert data["ключ-😀"]["properties"] == {"地域": "été", "é": 1}

@@ -5,6 +5,7 @@ and offsets committed only after the events are durable."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -181,3 +182,43 @@ async def test_a_librdkafka_producer_works_from_the_documentation(ingestion: Ing
     got = await accepted_keys(ingestion, 201)
     assert got["rdk-199"]["quantity"] == "199"
     assert got["//rdkafka rdk-ce"]["quantity"] == "3"
+
+
+async def test_the_kafka_input_pauses_while_the_relay_is_behind(ingestion: Ingestion):
+    """Backpressure on the Kafka path: with the relay's backlog over the limit the input stops
+    taking records (they wait in the topic) and resumes once it drains — nothing lost."""
+    from billstream_ingestion.admission import Admission
+
+    await ingestion.create_meter("api_calls")
+    auth = ("billstream-api-key", ingestion.key.encode())
+    host = ingestion.host
+    runner = host.app.state.raw_input
+    await host.relay.stop()  # nothing is published: the backlog only grows
+    runner.admission = Admission(host.settings.model_copy(update={"max_relay_lag_events": 10}),
+                                 pool=lambda: host.pool)
+    await ingestion.produce_raw(*[(b"c", native(f"p-{i}"), [auth]) for i in range(30)])
+
+    async def stored() -> int:
+        return await host.pool.fetchval("SELECT count(*) FROM usage_keys")
+
+    await eventually(lambda: _eq(lambda: _gt(stored, 10), True), timeout=30)
+    await eventually(lambda: _eq(lambda: _is(runner, "paused"), True), timeout=30)
+    paused_at = await stored()
+    await ingestion.produce_raw(*[(b"c", native(f"q-{i}"), [auth]) for i in range(30)])
+    await asyncio.sleep(1.0)  # would be consumed by now if the input were running
+    assert await stored() == paused_at < 60
+    # the backlog drains (the relay publishes again): the input resumes, nothing is lost
+    from billstream_messaging.relay import OutboxRelay
+    host.relay = OutboxRelay(store=host.store, pool=host.pool, settings=host.settings,
+                             metrics=host.metrics)
+    await host.relay.start()
+    await eventually(lambda: _eq(stored, 60), timeout=30)
+    await eventually(lambda: _eq(lambda: _is(runner, "paused"), False), timeout=30)
+
+
+async def _gt(probe, value) -> bool:
+    return await probe() > value
+
+
+async def _is(obj, name) -> bool:
+    return getattr(obj, name)
