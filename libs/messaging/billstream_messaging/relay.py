@@ -64,26 +64,35 @@ def encode_row(source: str, row) -> bytes:
 
 #: The next rows to publish, lean: the envelope bytes as stored and what the record needs.
 _SELECT_UNPUBLISHED = """
-    SELECT seq, topic, tenant_id || ':' || aggregate_id AS key, type, version, trace_context,
-           envelope
+    SELECT seq, topic, tenant_id || ':' || aggregate_id AS key, type, version,
+           trace_context::text AS trace_text, envelope
       FROM event_log WHERE seq > $1 ORDER BY seq LIMIT $2
 """
 #: Rows appended before envelopes were stored: encoded by the relay (encode_row).
 _SELECT_LEGACY = "SELECT * FROM event_log WHERE seq = ANY($1::bigint[])"
 
 _TYPE_HEADERS: dict[tuple[str, int], list[tuple[str, bytes]]] = {}
+#: Events appended by one request share one trace context: parse each text once.
+_TRACE_HEADERS: dict[str, list[tuple[str, bytes]]] = {}
 
 
 def record_headers(row) -> list[tuple[str, bytes]]:
+    """Kafka headers of a row of the relay's query: the event's type and version, and its
+    trace context (`traceparent`, …) when it has one."""
     key = (row["type"], row["version"])
     base = _TYPE_HEADERS.get(key)
     if base is None:
         base = _TYPE_HEADERS[key] = [("event_type", key[0].encode()),
                                      ("event_version", str(key[1]).encode())]
-    trace = row["trace_context"]
-    if not trace:
+    text = row["trace_text"]
+    if not text:
         return base
-    return base + [(k, v.encode()) for k, v in trace.items()]
+    trace = _TRACE_HEADERS.get(text)
+    if trace is None:
+        if len(_TRACE_HEADERS) > 10_000:
+            _TRACE_HEADERS.clear()
+        trace = _TRACE_HEADERS[text] = [(k, v.encode()) for k, v in orjson.loads(text).items()]
+    return base + trace
 
 
 class OutboxRelay:

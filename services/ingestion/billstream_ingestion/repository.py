@@ -18,7 +18,7 @@ class KnownCustomer:
     clock_time: datetime | None  # its test clock's frozen time, when it has one we know
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per event on the hot path
 class KeyClaim:
     idempotency_key: str
     payload_hash: str
