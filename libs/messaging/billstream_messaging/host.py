@@ -199,14 +199,18 @@ class ServiceHost:
                         done, status = os.waitpid(pid, os.WNOHANG)
                         if done:
                             children.remove(pid)
-                            self.log.error("worker_exited", pid=pid, status=status)
-                            failed = True
-                            stop.set()
+                            if not stop.is_set():  # not part of a stop: a worker died
+                                self.log.error("worker_exited", pid=pid, status=status)
+                                failed = True
+                                stop.set()
                     await asyncio.sleep(0.5)
 
             watcher = asyncio.create_task(watch(), name="workers")
         await self.start(sockets=sockets)
         await stop.wait()
+        for pid in children or ():  # the workers drain at the same time as this process
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         if watcher:
             watcher.cancel()
         await self.stop()
@@ -265,10 +269,13 @@ def serve_workers(host: ServiceHost) -> int:
     sock.listen(2048)
     sock.set_inheritable(True)
     children: list[int] = []
+    parent = os.getpid()
     for worker in range(1, settings.workers):
         pid = os.fork()
         if pid == 0:  # a worker: serve until told to stop, or until the parent is gone
             _die_with_parent()
+            if os.getppid() != parent:  # the parent died before the line above took effect
+                os._exit(1)
             host.log = host.log.bind(worker=worker)
             code = 1
             try:

@@ -171,6 +171,10 @@ class OutboxRelay:
             )
             await producer.start()
             await ensure_topics(self._settings.kafka_bootstrap)
+            # partitions are learnt afresh by every leadership (a failed publish ends it): a
+            # topic recreated with another partition count is picked up
+            self._partitions.clear()
+            self._partition_of.clear()
             state = await self._pool.fetchrow("SELECT * FROM relay_state WHERE id = 1")
             self.published_seq = state["published_seq"]
             self.leading = True
@@ -281,6 +285,7 @@ class OutboxRelay:
         self._reset_requested = False
         await self._pool.execute(
             "UPDATE relay_state SET published_seq = 0, republish_count = republish_count + 1,"
+            " republish_head = (SELECT last_seq FROM event_log_head WHERE id = 1),"
             " updated_at = now() WHERE id = 1"
         )
         self._metrics.relay_republishes.inc()

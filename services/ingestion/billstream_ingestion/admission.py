@@ -3,7 +3,8 @@ buffering without bound.
 
 Two signals:
 - the relay's backlog: accepted events appended to the log but not yet published to
-  `billstream.usage.accepted` (`event_log_head.last_seq - relay_state.published_seq`, read from
+  `billstream.usage.accepted` (`event_log_head.last_seq - relay_state.published_seq`, not
+  counting a republish of the whole log after a broker lost its data; read from
   the database so it holds whichever replica leads the relay; cached for a quarter second);
 - this process's in-flight events: events of requests being validated and written right now.
 
@@ -48,9 +49,12 @@ class Admission:
     async def relay_lag(self) -> int:
         now = time.monotonic()
         if now - self._lag_at > _LAG_TTL_S:
+            # new events only: a republish of the whole log (the broker lost its data) is
+            # old events, and must not shut intake off until it is done
             self._lag = await self._pool().fetchval(
                 "SELECT (SELECT last_seq FROM event_log_head WHERE id = 1)"
-                " - (SELECT published_seq FROM relay_state WHERE id = 1)")
+                " - (SELECT greatest(published_seq, republish_head) FROM relay_state"
+                " WHERE id = 1)")
             self._lag_at = now
         return self._lag
 

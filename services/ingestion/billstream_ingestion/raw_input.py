@@ -58,7 +58,7 @@ class RawInput:
         self.polls = 0
         self.outcomes: Counter[str] = Counter()
         self._refused_keys: dict[str, tuple[float, ApiError]] = {}  # key → (until, why)
-        self._unknown_meter_at: dict[service.Scope, float] = {}
+        self._unknown_meter_at: dict[tuple[service.Scope, object], float] = {}
 
     @property
     def group_id(self) -> str:
@@ -157,14 +157,22 @@ class RawInput:
             raws.append(d.raw)
         prepared = []
         now = time.monotonic()
-        for scope, (indices, raws) in groups.items():
-            # a tenant whose events named an unknown meter a moment ago is not waited for
-            # again: a producer with a typo must not slow the whole input down
-            recent = self._unknown_meter_at.get(scope, float("-inf")) > now - _REFUSED_KEY_TTL_S
+        # scopes in a fixed order: two workers' polls claim keys in the same order (no deadlock)
+        for scope, (indices, raws) in sorted(groups.items(),
+                                             key=lambda g: (g[0].tenant_id, g[0].environment)):
+            # meters found unknown a moment ago are not waited for again: a producer with a
+            # typo must not slow the whole input down (other meters still are)
+            cutoff = now - _REFUSED_KEY_TTL_S
+            skip = frozenset(code for (s, code), at in self._unknown_meter_at.items()
+                             if s == scope and at > cutoff)
             batch = await service.prepare(self.host.pool, settings, scope, raws,
-                                          indices=indices, meter_wait_s=0 if recent else None)
-            if any(o.code == "unknown_meter" for o in batch.outcomes):
-                self._unknown_meter_at[scope] = now
+                                          indices=indices, known_unknown_meters=skip)
+            if len(self._unknown_meter_at) > 10_000:
+                self._unknown_meter_at.clear()
+            raw_at = dict(zip(indices, raws, strict=True))
+            for outcome in batch.outcomes:
+                if outcome.code == "unknown_meter":
+                    self._unknown_meter_at[(scope, raw_at[outcome.index].get("meter"))] = now
             prepared.append(batch)
         for outcome in await self._write(prepared):
             outcomes[outcome.index] = outcome

@@ -54,6 +54,13 @@ def decode(value: bytes | None, headers: Any, max_bytes: int) -> Decoded:
                 api_key = bytes(header_value).decode("utf-8").strip()
             except UnicodeDecodeError:
                 api_key = None
+    binary = cloudevents.is_kafka_binary(headers)
+    if binary and not (value or b"").strip():  # binary mode with no data: data is absent
+        try:
+            return Decoded(api_key, cloudevents.from_kafka_binary(headers, None),
+                           cloudevent=True)
+        except EventError as err:
+            return Decoded(api_key, error=err, cloudevent=True)
     if value is None:
         return Decoded(api_key, error=EventError("invalid_event", "The record has no value",
                                                  None))
@@ -67,7 +74,7 @@ def decode(value: bytes | None, headers: Any, max_bytes: int) -> Decoded:
         return Decoded(api_key, error=EventError(
             "invalid_json", f"The record value is not valid UTF-8 JSON: {exc}", None))
     try:
-        if cloudevents.is_kafka_binary(headers):
+        if binary:
             return Decoded(api_key, cloudevents.from_kafka_binary(headers, parsed),
                            cloudevent=True)
         if cloudevents.is_structured_json(parsed):

@@ -92,11 +92,12 @@ async def prepare(
     now: datetime | None = None,
     *,
     indices: Sequence[int] | None = None,
-    meter_wait_s: float | None = None,
+    known_unknown_meters: frozenset[str] = frozenset(),
 ) -> Prepared:
     """The read-only half of ingest: validation, meters, customers and the time window.
-    Outcomes carry `indices[i]` for `raw_events[i]` (default: the position); unknown meters
-    are waited for `meter_wait_s` (default: `projection_wait_s`)."""
+    Outcomes carry `indices[i]` for `raw_events[i]` (default: the position). Unknown meters
+    are waited for up to `projection_wait_s`, except `known_unknown_meters` (found unknown a
+    moment ago by the caller)."""
     now = now or datetime.now(UTC)
     prepared = Prepared(scope)
     outcomes = prepared.outcomes
@@ -112,8 +113,8 @@ async def prepare(
     if not valid:
         return prepared
 
-    wait = settings.projection_wait_s if meter_wait_s is None else meter_wait_s
-    valid, unknown = await _check_meters(pool, scope, valid, wait)
+    valid, unknown = await _check_meters(pool, scope, valid, settings.projection_wait_s,
+                                         known_unknown_meters)
     outcomes += [
         domain.rejected(ev.index, ev.idempotency_key, "unknown_meter",
                         f"No such meter: '{ev.meter}'", "meter")
@@ -204,15 +205,16 @@ async def _clocks_caught_up(pool, scope, events, customers, refs, future: timede
     return customers
 
 
-async def _check_meters(pool, scope, events, wait_s: float):
+async def _check_meters(pool, scope, events, wait_s: float,
+                        no_wait: frozenset[str] = frozenset()):
     codes = {ev.meter for ev in events}
     known = await repository.known_meters(pool, scope.tenant_id, scope.environment, codes)
-    if codes - known:
+    if codes - known - no_wait:
         async def all_known():
             nonlocal known
             known = await repository.known_meters(pool, scope.tenant_id, scope.environment,
                                                   codes)
-            return codes <= known
+            return not (codes - known - no_wait)
 
         if wait_s > 0:
             await wait_for(all_known, wait_s)

@@ -20,7 +20,7 @@ def _scope(ctx: EventContext) -> service.Scope:
 
 
 async def on_usage_accepted(ctx: EventContext) -> None:
-    await service.record_usage(ctx.conn, _scope(ctx), ctx.data)
+    await service.record_usage(ctx.conn, _scope(ctx), ctx.data, ctx.envelope.sequence)
 
 
 async def on_usage_corrected(ctx: EventContext) -> None:

@@ -30,6 +30,7 @@ class UsageRow:
     value: Decimal | None
     ts: datetime
     properties: dict[str, Any] | None  # only while the meter is unknown
+    source_seq: int | None = None  # the event's sequence in ingestion's log
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,14 +187,14 @@ async def insert_usage(conn: asyncpg.Connection, row: UsageRow) -> tuple[bool, b
         WITH inserted AS (
             INSERT INTO usage_records (usage_id, tenant_id, environment, customer_ref,
                                        customer_id, meter, quantity, value, ts, properties,
-                                       summary_id)
+                                       summary_id, source_seq)
             VALUES ($1, $2, $3, $4,
                     coalesce($5, (SELECT customer_id FROM customers
                                    WHERE tenant_id = $2 AND environment = $3
                                      AND (customer_id = $4 OR external_id = $4)
                                    ORDER BY (customer_id = $4) DESC LIMIT 1)),
                     $6, $7, $8, $9, $10,
-                    (SELECT summary_id FROM usage_summary_items WHERE usage_id = $1))
+                    (SELECT summary_id FROM usage_summary_items WHERE usage_id = $1), $11)
             ON CONFLICT (usage_id) DO NOTHING
             RETURNING true
         )
@@ -202,7 +203,7 @@ async def insert_usage(conn: asyncpg.Connection, row: UsageRow) -> tuple[bool, b
                         WHERE usage_id = $1 AND status = 'pending') AS pending
         """,
         row.usage_id, row.tenant_id, row.environment, row.customer_ref, row.customer_id,
-        row.meter, row.quantity, row.value, row.ts, row.properties,
+        row.meter, row.quantity, row.value, row.ts, row.properties, row.source_seq,
     )
     return found["inserted"], found["pending"]
 
@@ -353,11 +354,12 @@ async def claim_summary(conn: asyncpg.Connection, summary_id: str, tenant_id: st
 
 async def sweep(conn: asyncpg.Connection, summary_id: str, tenant_id: str, environment: str,
                 refs: Sequence[str], meters: Sequence[str], start: datetime,
-                end: datetime) -> dict[str, Totals]:
+                end: datetime, before_seq: int | None = None) -> dict[str, Totals]:
     """Mark every not-yet-summarized, not voided usage row of the customer's `meters` with ts
     in [start, end) as billed by `summary_id`, and return its totals per meter. A voided row is
     left out (never marked, never billed: a void is final). Each billed row's item records the
-    last correction it carried (see usage_summary_items.correction_seq)."""
+    last correction it carried (see usage_summary_items.correction_seq). With `before_seq`,
+    only rows before that position in ingestion's log (the close's) are swept."""
     rows = await conn.fetch(
         f"""
         WITH swept AS (
@@ -365,6 +367,7 @@ async def sweep(conn: asyncpg.Connection, summary_id: str, tenant_id: str, envir
              WHERE tenant_id = $1 AND environment = $2 AND {_REF_MATCH}
                AND meter = ANY($4::text[]) AND ts >= $5 AND ts < $6 AND summary_id IS NULL
                AND voided_at IS NULL
+               AND ($8::bigint IS NULL OR source_seq IS NULL OR source_seq < $8)
             RETURNING usage_id, meter, value, correction_seq
         ), items AS (
             INSERT INTO usage_summary_items (usage_id, summary_id, correction_seq)
@@ -374,7 +377,7 @@ async def sweep(conn: asyncpg.Connection, summary_id: str, tenant_id: str, envir
         SELECT meter, sum(value) AS total, count(*) AS n, max(value) AS maximum
           FROM swept GROUP BY meter
         """,
-        tenant_id, environment, list(refs), list(meters), start, end, summary_id,
+        tenant_id, environment, list(refs), list(meters), start, end, summary_id, before_seq,
     )
     return {r["meter"]: Totals(r["total"], r["n"], r["maximum"]) for r in rows}
 

@@ -39,7 +39,8 @@ class Scope:
 # ---------------------------------------------------------------- usage
 
 
-async def record_usage(conn: asyncpg.Connection, scope: Scope, data: UsageAccepted) -> None:
+async def record_usage(conn: asyncpg.Connection, scope: Scope, data: UsageAccepted,
+                       source_seq: int | None = None) -> None:
     """Keep one accepted usage event (idempotent on usage_id), then apply the corrections of it
     that arrived first (pending)."""
     quantity = Decimal(data.quantity)
@@ -49,6 +50,7 @@ async def record_usage(conn: asyncpg.Connection, scope: Scope, data: UsageAccept
         customer_ref=data.customer, customer_id=data.customer_id, meter=data.meter,
         quantity=quantity, value=domain.usage_value(quantity, data.properties, meter),
         ts=data.timestamp, properties=domain.stored_properties(data.properties, meter),
+        source_seq=source_seq,
     ))
     if inserted and pending:
         for correction in await repository.pending_corrections(
@@ -208,6 +210,7 @@ async def close_due_periods(pool: asyncpg.Pool, store: EventStore, consumer: str
                 await summarize_period(
                     conn, store, Scope(row["tenant_id"], row["environment"]), data,
                     Cause(row["event_id"], row["correlation_id"]),
+                    close_seq=row["required_seq"] + 1,
                 )
                 await repository.delete_pending_close(conn, row["event_id"])
                 closed += 1
@@ -215,7 +218,8 @@ async def close_due_periods(pool: asyncpg.Pool, store: EventStore, consumer: str
 
 
 async def summarize_period(conn: asyncpg.Connection, store: EventStore, scope: Scope,
-                           data: UsagePeriodClosed, cause: Cause | None) -> bool:
+                           data: UsagePeriodClosed, cause: Cause | None,
+                           close_seq: int | None = None) -> bool:
     """Answer a period close with one `usage.period_summarized`.
 
     The sweep: every usage row of the subscription's customer (by its `cus_` id or external
@@ -225,6 +229,9 @@ async def summarize_period(conn: asyncpg.Connection, store: EventStore, scope: S
     `period_start`: usage that arrives late — after the period it belongs to was summarized —
     is still unsummarized at the next period end and is billed then, instead of being lost or
     counted twice. (Usage still in flight when the period ends counts as late the same way.)
+    Only usage before the close in ingestion's log is swept (`close_seq`): what came after is
+    the next close's, however soon metering applied it — a fact of the log, which ingestion
+    relies on to refuse corrections of billed usage.
 
     Always emitted, even with no usage charges or no usage: invoicing waits for it to bill the
     period. Once per period: a replayed `period_ended` finds its summary and emits nothing.
@@ -255,7 +262,7 @@ async def summarize_period(conn: asyncpg.Connection, store: EventStore, scope: S
         await apply_orphaned_corrections(conn)
         totals = await repository.sweep(
             conn, summary_id, scope.tenant_id, scope.environment, sorted(refs), meter_codes,
-            sub.started_at, data.period_end)
+            sub.started_at, data.period_end, close_seq)
     summary = UsagePeriodSummarized(
         subscription=sub, period_start=data.period_start, period_end=data.period_end,
         renews=data.renews, next_period_start=data.next_period_start,

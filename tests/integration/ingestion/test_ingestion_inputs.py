@@ -236,3 +236,28 @@ async def test_usage_sent_right_after_a_clock_advance_waits_for_it(ingestion: In
 
     body, _ = await asyncio.gather(send(), advance_a_moment_later())
     assert body["accepted"] == 5, body["results"]
+
+
+async def test_a_republish_of_the_whole_log_does_not_shut_intake_off(ingestion: Ingestion):
+    """After a broker lost its data the relay republishes everything from seq 1; that backlog
+    is old events, not new ones: backpressure must not refuse intake until it is done."""
+    await ingestion.create_meter("api_calls")
+    host = ingestion.host
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events", json={"events": [
+            {"idempotency_key": f"old-{i}", "customer": "a", "meter": "api_calls"}
+            for i in range(20)]})
+    assert r.json()["accepted"] == 20
+    await host.relay.stop()
+    admission = host.app.state.admission
+    admission._settings = host.settings.model_copy(update={"max_relay_lag_events": 5})
+    # as the relay leaves it when it starts republishing the whole log
+    await host.pool.execute(
+        "UPDATE relay_state SET published_seq = 0,"
+        " republish_head = (SELECT last_seq FROM event_log_head WHERE id = 1)")
+    admission._lag_at = float("-inf")
+    assert await admission.relay_lag() == 0
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events", json={
+            "idempotency_key": "new-1", "customer": "a", "meter": "api_calls"})
+    assert r.status_code == 200 and r.json()["accepted"] == 1

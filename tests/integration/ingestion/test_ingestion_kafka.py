@@ -222,3 +222,15 @@ async def _gt(probe, value) -> bool:
 
 async def _is(obj, name) -> bool:
     return getattr(obj, name)
+
+
+async def test_a_binary_cloudevent_without_data_counts_one(ingestion: Ingestion):
+    await ingestion.create_meter("api_calls")
+    headers = [("billstream-api-key", ingestion.key.encode()), ("ce_specversion", b"1.0"),
+               ("ce_id", b"nodata"), ("ce_source", b"//acme"), ("ce_type", b"api_calls"),
+               ("ce_subject", b"acme-1")]
+    await ingestion.produce_raw((b"acme-1", b"", headers), (b"acme-1", None, [
+        *headers[:2], ("ce_id", b"nodata-2"), *headers[3:]]))
+    got = await accepted_keys(ingestion, 2)
+    assert got["//acme nodata"]["quantity"] == "1" and got["//acme nodata"]["properties"] == {}
+    assert got["//acme nodata-2"]["quantity"] == "1"

@@ -360,3 +360,32 @@ async def test_a_correction_racing_its_usage_row_is_applied_by_the_close_task(
         await tx_a.commit()
     await metering.wait_for_corrections(1, "applied")
     assert await totals(metering, "race-co", "api_calls") == ("0", 0)
+
+
+async def test_a_close_bills_only_the_usage_before_it_in_the_log(metering: Metering):
+    """Usage accepted after a close (backdated into its period) is the next close's, even when
+    metering applied it before the close task ran: which close bills an event is a fact of the
+    log, which is what lets ingestion refuse corrections of billed usage exactly."""
+    from metering_harness import closed
+
+    await metering.create_meter("api_calls")
+    cus = await metering.create_customer("order-co")
+    pro, sub = plan("api_calls"), new_id("sub")
+    before = usage("order-co", "api_calls", "10", JAN + timedelta(days=4), customer_id=cus)
+    after = usage("order-co", "api_calls", "3", JAN + timedelta(days=5), customer_id=cus)
+    await metering.publish_usage(before)
+    jan = period_ended(cus, "order-co", pro, JAN, FEB, subscription_id=sub)
+    close = envelope(closed(jan), tenant_id=metering.tenant_id, source=metering.source,
+                     aggregate_type="customer", aggregate_id=cus, occurred_at=FEB,
+                     sequence=next(metering.sequence))
+    await metering.publish_log(metering.log_envelope(after))  # after the close in the log...
+    await metering.wait_for_usage_rows(2)  # ...but applied before metering sees the close
+    await metering.publish_log(close)
+    [s1] = await metering.summaries(1)
+    assert s1["data"]["usage"] == [
+        {"charge_id": "ch_api_calls", "meter": "api_calls", "quantity": "10", "usage_count": 1}]
+    await metering.publish_close(period_ended(cus, "order-co", pro, FEB, MAR,
+                                              subscription_id=sub, started_at=JAN))
+    _, s2 = await metering.summaries(2)
+    assert s2["data"]["usage"] == [
+        {"charge_id": "ch_api_calls", "meter": "api_calls", "quantity": "3", "usage_count": 1}]
