@@ -375,6 +375,27 @@ class _RawProgress:
             "SELECT idempotency_key FROM usage_keys WHERE tenant_id = $1", self.tenant_id)
         return {r["idempotency_key"] for r in rows}
 
+    async def settled(self) -> None:
+        """After the kill: every session of the dead process has ended (so a COMMIT it had
+        sent is resolved one way or the other), and the stored count and committed offsets
+        read the same twice in a row (an OffsetCommit in flight has landed)."""
+        await eventually(lambda: self._alone(), timeout=30,
+                         message="the killed ingestion's database sessions to end")
+        last: list[tuple[int, int]] = []
+
+        async def steady() -> bool:
+            last.append(await self.read())
+            return len(last) > 1 and last[-1] == last[-2]
+
+        await eventually(steady, timeout=30, interval=0.2,
+                         message="stored keys and committed offsets to settle")
+
+    async def _alone(self) -> bool:
+        return await self.db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND backend_type = 'client backend'"
+            " AND pid <> pg_backend_pid()") == 0
+
 
 def _not_duplicates(reports: list[dict]) -> list[dict]:
     return [r for r in reports if r.get("status") != "duplicate"]
@@ -412,7 +433,7 @@ async def test_ingestion_killed_while_consuming_the_kafka_input_counts_every_eve
                                  message="ingestion part-way through billstream.usage.raw")
                 stack.kill_service("ingestion")
                 assert stack.exited().get("ingestion") is not None
-                await asyncio.sleep(1.0)  # an in-flight COMMIT or OffsetCommit lands
+                await progress.settled()
                 stored_at_kill, committed_at_kill = await progress.read()
                 keys_at_kill = await progress.keys()
                 offsets_at_kill = await progress.offsets()

@@ -53,12 +53,13 @@ A repeated attribute header (HTTP or Kafka) is refused: which value would be mea
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote
 
-from billstream_ingestion.domain import MAX_KEY_LENGTH, BodyError, EventError
+from billstream_ingestion.domain import MAX_KEY_LENGTH, BodyError, EventError, Outcome
 
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
@@ -185,6 +186,14 @@ def attribute_param(param: str | None) -> str | None:
     if head == "properties" and dot:
         return f"data.{rest}"
     return _ATTRIBUTE_OF.get(param, param)
+
+
+def in_cloudevent_terms(outcome: Outcome) -> Outcome:
+    """An outcome of an event that came as a CloudEvent, its `param` named as the attribute
+    it came from."""
+    if outcome.param is None:
+        return outcome
+    return dataclasses.replace(outcome, param=attribute_param(outcome.param))
 
 
 # ---------------------------------------------------------------- the mapping

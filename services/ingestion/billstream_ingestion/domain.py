@@ -25,6 +25,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,11 +84,14 @@ class UsageEvent:
     idempotency_key: str
     customer: str
     meter: str
-    quantity: Decimal
+    quantity_text: str  # normalized decimal string ("1500", "3.5"): what is hashed and sent
     timestamp: datetime | None  # None: not sent; defaults to "now" when accepted
     properties: dict[str, Any]  # JSON-safe (no Decimal, no float)
     payload_hash: str
-    quantity_text: str = ""  # the normalized decimal string of `quantity`
+
+    @property
+    def quantity(self) -> Decimal:
+        return Decimal(self.quantity_text)
 
 
 @dataclass(slots=True)
@@ -120,6 +124,12 @@ def rejected(index: int, key: Any, code: str, message: str,
 
 
 # ---------------------------------------------------------------- the body
+
+
+def loads(raw: bytes | str) -> Any:
+    """JSON with every non-integer number as an exact Decimal (never through a float).
+    Raises ValueError (UnicodeDecodeError included) or RecursionError."""
+    return json.loads(raw, parse_float=Decimal, parse_constant=Decimal)
 
 
 def split_body(body: Any, max_events: int) -> list[Any]:
@@ -197,8 +207,8 @@ def parse_event(index: int, raw: Any, *, max_properties_bytes: int) -> UsageEven
     except EventError as err:
         return rejected(index, key, err.code, err.message, err.param)
     return UsageEvent(
-        index, key, customer, meter, Decimal(quantity_text), timestamp, properties,
-        payload_hash(customer, meter, quantity_text, timestamp, properties), quantity_text,
+        index, key, customer, meter, quantity_text, timestamp, properties,
+        payload_hash(customer, meter, quantity_text, timestamp, properties),
     )
 
 

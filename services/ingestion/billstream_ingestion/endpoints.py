@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import json
-from decimal import Decimal
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -54,7 +52,8 @@ async def ingest_usage(request: Request, ctx: AuthContext = SecretKey):
             indices=[i for i, raw in enumerate(raw_events) if raw is not None],
         )
     if ce_indices:
-        outcomes = [_ce_param(o) if o.index in ce_indices else o for o in outcomes]
+        outcomes = [cloudevents.in_cloudevent_terms(o) if o.index in ce_indices else o
+                    for o in outcomes]
     result = domain.summarize(outcomes)
     counter = request.app.state.metrics.custom.get("usage_events")
     if counter is not None:
@@ -137,17 +136,9 @@ def _mapped(mappers) -> tuple[list[Any], set[int], list[Outcome]]:
     return raws, set(range(len(mappers))), early
 
 
-def _ce_param(outcome: Outcome) -> Outcome:
-    """Name the field at fault as the CloudEvents attribute it came from."""
-    if outcome.param is None:
-        return outcome
-    return Outcome(outcome.index, outcome.idempotency_key, outcome.status, outcome.usage_id,
-                   outcome.code, outcome.message, cloudevents.attribute_param(outcome.param))
-
-
 def _parse_json(body: bytes) -> Any:
     try:
-        return json.loads(body, parse_float=Decimal, parse_constant=Decimal)
+        return domain.loads(body)
     except (ValueError, RecursionError) as exc:
         raise InvalidRequest("invalid_json", f"The body is not valid JSON: {exc}") from exc
 

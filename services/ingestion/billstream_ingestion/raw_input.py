@@ -55,8 +55,6 @@ class RawInput:
         self.settings: IngestionSettings = host.settings  # type: ignore[assignment]
         self.admission = admission
         self.paused = False
-        self.polls = 0
-        self.outcomes: Counter[str] = Counter()
         self._refused_keys: dict[str, tuple[float, ApiError]] = {}  # key → (until, why)
         self._unknown_meter_at: dict[tuple[service.Scope, object], float] = {}
 
@@ -128,7 +126,6 @@ class RawInput:
             # A rebalance took the partitions: their new owner gets the records again, and
             # the events already committed come back as duplicates.
             log.warning("raw_commit_failed", error=repr(exc))
-        self.polls += 1
 
     # -- one poll ---------------------------------------------------------------------------
     async def handle(self, records: list[ConsumerRecord], producer: AIOKafkaProducer) -> None:
@@ -178,7 +175,6 @@ class RawInput:
             outcomes[outcome.index] = outcome
         await self._report(records, decoded, outcomes, groups, producer)
         counts = Counter(o.status for o in outcomes.values())
-        self.outcomes.update(counts)
         counter = self.host.metrics.custom.get("usage_events")
         if counter is not None:
             for status, n in counts.items():
@@ -205,8 +201,8 @@ class RawInput:
             if outcome.status == "accepted":
                 continue
             rec = records[index]
-            if decoded[index].cloudevent and outcome.param:
-                outcome = _with_param(outcome, cloudevents.attribute_param(outcome.param))
+            if decoded[index].cloudevent:
+                outcome = cloudevents.in_cloudevent_terms(outcome)
             scope = tenant_of.get(index)
             value = raw_records.rejection(
                 outcome=outcome, topic=rec.topic, partition=rec.partition, offset=rec.offset,
@@ -262,7 +258,3 @@ def _key_of(raw) -> str | None:
     key = raw.get("idempotency_key") if isinstance(raw, dict) else None
     return key if isinstance(key, str) else None
 
-
-def _with_param(outcome: Outcome, param: str | None) -> Outcome:
-    return Outcome(outcome.index, outcome.idempotency_key, outcome.status, outcome.usage_id,
-                   outcome.code, outcome.message, param)

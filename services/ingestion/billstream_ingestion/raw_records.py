@@ -19,15 +19,13 @@ An input record (see docs/ingestion.md, "Kafka input"):
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import orjson
 
-from billstream_ingestion import cloudevents
+from billstream_ingestion import cloudevents, domain
 from billstream_ingestion.domain import EventError, Outcome
 
 API_KEY_HEADER = "billstream-api-key"
@@ -69,7 +67,7 @@ def decode(value: bytes | None, headers: Any, max_bytes: int) -> Decoded:
             "event_too_large", f"The record value is {len(value)} bytes; at most {max_bytes} "
             "are allowed for one usage event", None))
     try:
-        parsed = json.loads(value, parse_float=Decimal, parse_constant=Decimal)
+        parsed = domain.loads(value)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         return Decoded(api_key, error=EventError(
             "invalid_json", f"The record value is not valid UTF-8 JSON: {exc}", None))

@@ -132,8 +132,7 @@ async def prepare(
                                         settings.projection_wait_s)
     in_window = []
     for ev in valid:
-        customer = customers.get(ev.customer)
-        event_now = customer.clock_time if customer and customer.clock_time else now
+        event_now = default_timestamp(customers.get(ev.customer), now)
         timestamp = ev.timestamp or event_now
         error = domain.window_error(timestamp, event_now, window, future)
         if error is not None:
