@@ -60,15 +60,16 @@ async def _customer_on_advanced_clock(stack, api: Api, receiver_url: str, extern
 
 
 async def _ingestion_counts(stack, tenant_id: str) -> tuple[dict[str, str], dict[str, int]]:
-    """(idempotency key → usage id in usage_keys, idempotency key → number of usage.accepted
-    events in the log) for the tenant, from ingestion's own database."""
+    """(idempotency key → usage id in usage_keys, idempotency key → number of usages in the
+    log's usage.batch_accepted events) for the tenant, from ingestion's own database."""
     db = await asyncpg.connect(stack.database_url("ingestion"))
     try:
         keys = await db.fetch(
             "SELECT idempotency_key, usage_id FROM usage_keys WHERE tenant_id = $1", tenant_id)
         logged = await db.fetch(
-            "SELECT convert_from(envelope, 'UTF8')::jsonb -> 'data' ->> 'idempotency_key' AS k"
-            " FROM event_log WHERE tenant_id = $1 AND type = 'usage.accepted'", tenant_id)
+            "SELECT u ->> 'idempotency_key' AS k FROM event_log,"
+            " jsonb_array_elements(convert_from(envelope, 'UTF8')::jsonb -> 'data' -> 'usages')"
+            " AS u WHERE tenant_id = $1 AND type = 'usage.batch_accepted'", tenant_id)
     finally:
         await db.close()
     return ({r["idempotency_key"]: r["usage_id"] for r in keys},
@@ -96,7 +97,7 @@ def _assert_logged_once(expected: set[str], keys: dict[str, str], logged: dict[s
     twice = {k: n for k, n in logged.items() if n != 1}
     missing_log = expected - set(logged)
     assert sum(logged.values()) == len(expected) and not twice and not missing_log, (
-        f"event_log has {sum(logged.values())} usage.accepted events for {len(expected)} "
+        f"event_log has {sum(logged.values())} accepted usages for {len(expected)} "
         f"distinct events: {len(missing_log)} never logged (e.g. {sorted(missing_log)[:5]}), "
         f"{len(twice)} logged more than once (e.g. {sorted(twice.items())[:5]})")
 

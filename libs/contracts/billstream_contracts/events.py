@@ -195,6 +195,33 @@ class UsageAccepted(EventData):
     properties: dict[str, object] = {}
 
 
+class AcceptedUsage(_Part):
+    """One accepted usage event inside a `usage.batch_accepted` (the fields of UsageAccepted)."""
+
+    usage_id: str
+    idempotency_key: str
+    customer: str  # as the producer sent it: an external_id or a `cus_` id
+    customer_id: str | None = None  # resolved `cus_` id when the customer was known
+    meter: str
+    quantity: str  # decimal string
+    timestamp: datetime
+    properties: dict[str, object] = {}
+
+
+@register
+class UsageBatchAccepted(EventData):
+    """The usage events one ingest transaction accepted for one tenant and environment, on
+    `billstream.usage.accepted`: one log row and one Kafka record for up to a thousand events
+    (the log's per-event cost was most of ingestion's; see docs/ingestion.md). Each usage is
+    what a `usage.accepted` carries; the batch is at most `max_batch_bytes` of JSON so that a
+    record stays under the broker's message size. Ingestion writes this; `usage.accepted`
+    stays readable for logs written before it."""
+
+    event_type = "usage.batch_accepted"
+    public = False
+    usages: list[AcceptedUsage]
+
+
 @register
 class UsagePeriodClosed(EventData):
     """Ingestion's barrier for a period end, on `billstream.usage.accepted`.

@@ -32,7 +32,10 @@ _COPY_THRESHOLD = 64
 
 @dataclass(slots=True)
 class NewEvent:
-    data: EventData | dict[str, Any]
+    """An event to append. `data` is a model, a dict, or (for a high-volume log that has
+    encoded it already) an `orjson.Fragment` holding the data's JSON object."""
+
+    data: EventData | dict[str, Any] | orjson.Fragment
     tenant_id: str
     environment: str
     aggregate_type: str
@@ -45,7 +48,7 @@ class NewEvent:
     causation_id: str | None = None
     id: str = field(default_factory=lambda: new_id("evt"))
 
-    def resolved(self) -> tuple[str, int, dict[str, Any]]:
+    def resolved(self) -> tuple[str, int, dict[str, Any] | orjson.Fragment]:
         if isinstance(self.data, EventData):
             return (
                 self.type or self.data.event_type,
@@ -107,6 +110,8 @@ class EventStore:
                 "aggregate_type": ev.aggregate_type, "aggregate_id": ev.aggregate_id,
                 "correlation_id": correlation, "causation_id": causation, "data": data,
             }, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC)[1:]
+            if type(data) is orjson.Fragment and (keep_data or returning):
+                data = orjson.loads(data.contents)
             prepared.append((ev, etype, version, data, correlation, causation, tail))
         last = await conn.fetchval(
             "UPDATE event_log_head SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq",

@@ -24,7 +24,8 @@ class Metrics:
             registry=r,
         )
         self.relay_lag = Gauge(
-            "billstream_relay_lag_events", "Events in the log not yet published", registry=r
+            "billstream_relay_lag_events",
+            "Log rows (events; a usage batch is one) not yet published", registry=r
         )
         self.relay_republishes = Counter(
             "billstream_relay_republish_total", "Times the relay republished its whole log",

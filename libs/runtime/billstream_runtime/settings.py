@@ -35,7 +35,9 @@ class ServiceSettings(BaseModel):
     db_pool_min: int = 2
     db_pool_max: int = 10
     # outbox relay
-    relay_batch_size: int = 1000
+    relay_batch_size: int = 1000  # rows per publish round …
+    relay_batch_bytes: int = 16 * 1024 * 1024  # … and at most this many stored bytes (one
+    # row more when a single row is larger)
     relay_poll_interval_s: float = 1.0
     relay_heartbeat_interval_s: float = 2.0
     # consumers

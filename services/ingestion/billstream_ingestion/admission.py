@@ -2,10 +2,12 @@
 buffering without bound.
 
 Two signals:
-- the relay's backlog: accepted events appended to the log but not yet published to
-  `billstream.usage.accepted` (`event_log_head.last_seq - relay_state.published_seq`, not
-  counting a republish of the whole log after a broker lost its data; read from
-  the database so it holds whichever replica leads the relay; cached for a quarter second);
+- the relay's backlog: the bytes of the log rows appended but not yet published to
+  `billstream.usage.accepted` (rows after `relay_state.published_seq`, not counting a
+  republish of the whole log after a broker lost its data). Bytes, not rows: a row is a batch
+  of up to a thousand usage events or a single event, and bytes are what the relay has to
+  move. Read from the database so it holds whichever replica leads the relay; cached for a
+  quarter second;
 - this process's in-flight events: events of requests being validated and written right now.
 
 HTTP answers 503 `ingestion_backlogged` / `ingestion_busy` with `Retry-After`, before doing any
@@ -47,19 +49,21 @@ class Admission:
         self.inflight = 0
 
     async def relay_lag(self) -> int:
+        """Bytes of log rows waiting for the relay."""
         now = time.monotonic()
         if now - self._lag_at > _LAG_TTL_S:
             # new events only: a republish of the whole log (the broker lost its data) is
             # old events, and must not shut intake off until it is done
             self._lag = await self._pool().fetchval(
-                "SELECT (SELECT last_seq FROM event_log_head WHERE id = 1)"
-                " - (SELECT greatest(published_seq, republish_head) FROM relay_state"
+                "SELECT coalesce(sum(coalesce(pg_column_size(envelope),"
+                " pg_column_size(data), 0)), 0) FROM event_log"
+                " WHERE seq > (SELECT greatest(published_seq, republish_head) FROM relay_state"
                 " WHERE id = 1)")
             self._lag_at = now
         return self._lag
 
     async def backlogged(self) -> bool:
-        return await self.relay_lag() > self._settings.max_relay_lag_events
+        return await self.relay_lag() > self._settings.max_relay_lag_bytes
 
     @asynccontextmanager
     async def admit(self, events: int):
@@ -68,8 +72,8 @@ class Admission:
         if await self.backlogged():
             raise Overloaded(
                 "ingestion_backlogged",
-                f"{self._lag} accepted events are waiting to be published (limit "
-                f"{settings.max_relay_lag_events}); retry after {settings.retry_after_s} s",
+                f"{self._lag} bytes of accepted events are waiting to be published (limit "
+                f"{settings.max_relay_lag_bytes}); retry after {settings.retry_after_s} s",
                 settings.retry_after_s)
         if self.inflight and self.inflight + events > settings.max_inflight_events:
             raise Overloaded(

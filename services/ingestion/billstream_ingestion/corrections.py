@@ -154,8 +154,8 @@ async def correct(pool: asyncpg.Pool, store: EventStore, scope: Scope,
             key["usage_id"], request.action, quantity, properties, request.reason)
         await store.append(conn, [NewEvent(
             data=data, tenant_id=scope.tenant_id, environment=scope.environment,
-            aggregate_type="customer",
-            aggregate_id=original.get("customer_id") or original["customer"],
+            # the key of the record that carried the original: same partition, after it
+            **_partition_key(original, key),
             occurred_at=row["created_at"],
         )], returning=False)
         return as_object(row)
@@ -196,7 +196,19 @@ async def _original(conn, key) -> dict[str, Any]:
                        "corrected", param="idempotency_key", status=409)
     row = await repository.logged_event(conn, key["event_id"])
     envelope = orjson.loads(row["envelope"]) if row["envelope"] else {"data": row["data"]}
-    return {**envelope["data"], "_seq": row["seq"]}
+    data = envelope["data"]
+    batched = "usages" in data
+    if batched:  # a usage.batch_accepted: the event's own usage in it
+        data = next(u for u in data["usages"] if u["usage_id"] == key["usage_id"])
+    return {**data, "_seq": row["seq"], "_batched": batched}
+
+
+def _partition_key(original: dict[str, Any], key) -> dict[str, str]:
+    """The aggregate (so the record key) of the event that carried the original usage."""
+    if original["_batched"]:
+        return {"aggregate_type": "usage_batch", "aggregate_id": key["event_id"]}
+    return {"aggregate_type": "customer",  # a usage.accepted, logged before batches
+            "aggregate_id": original.get("customer_id") or original["customer"]}
 
 
 def as_object(row) -> dict[str, Any]:

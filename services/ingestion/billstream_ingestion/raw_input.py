@@ -14,7 +14,7 @@ A crash anywhere before 5 redelivers the poll: events committed in 3 come back a
 may be reported twice (at least once). Failures of the database or the broker are retried with
 a backoff, never skipped; any other failure rewinds the partitions to the poll's first records.
 
-Backpressure: while the relay's backlog is over `max_relay_lag_events` (admission.Admission),
+Backpressure: while the relay's backlog is over `max_relay_lag_bytes` (admission.Admission),
 the consumer pauses its partitions and resumes below it.
 """
 
@@ -99,7 +99,7 @@ class RawInput:
                 consumer.pause(*consumer.assignment())
                 self.paused = True
                 log.warning("raw_input_paused", reason="relay backlog",
-                            lag=await self.admission.relay_lag())
+                            lag_bytes=await self.admission.relay_lag())
             await asyncio.sleep(0.2)
             return
         if self.paused:
@@ -187,7 +187,9 @@ class RawInput:
         while True:
             try:
                 async with self.host.pool.acquire() as conn, conn.transaction():
-                    return await service.write(conn, self.host.store, prepared)
+                    return await service.write(
+                        conn, self.host.store, prepared,
+                        max_batch_bytes=self.settings.accepted_batch_max_bytes)
             except TRANSIENT_ERRORS as exc:
                 log.warning("raw_write_retry", error=repr(exc), retry_in_s=backoff)
                 await asyncio.sleep(backoff)

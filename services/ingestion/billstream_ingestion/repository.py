@@ -23,7 +23,7 @@ class KeyClaim:
     idempotency_key: str
     payload_hash: str
     usage_id: str
-    event_id: str  # of the usage.accepted event appended when the claim wins
+    event_id: str  # of the usage.batch_accepted event holding the usage when the claim wins
     customer: str  # as sent
     timestamp: datetime  # the event's (defaulted) timestamp
 

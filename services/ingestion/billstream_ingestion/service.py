@@ -13,9 +13,10 @@ Order of work for one batch of one tenant and environment:
      - the window: timestamps before `now - dedup_window` or after `now + future_tolerance`
        are rejected (`timestamp_out_of_window`);
   2. `write` (one transaction, possibly for several prepared batches — the Kafka path writes a
-     whole poll at once): claim the first occurrence of every key (one statement), append a
-     `usage.accepted` event per claimed key (COPY for large batches), commit. Accepted events
-     are durable before the answer or the offset commit; a duplicate is a normal outcome.
+     whole poll at once): claim the first occurrence of every key (COPY, or one statement),
+     append the claimed usage as `usage.batch_accepted` events (one log row per tenant batch
+     of up to `accepted_batch_max_bytes`), commit. Accepted events are durable before the
+     answer or the offset commit; a duplicate is a normal outcome.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import orjson
 
-from billstream_contracts.events import UsageAccepted
+from billstream_contracts.events import UsageBatchAccepted
 from billstream_ingestion import domain, repository
 from billstream_ingestion.domain import Outcome, UsageEvent
 from billstream_ingestion.repository import KeyClaim, KnownCustomer
@@ -37,8 +39,11 @@ from billstream_runtime.http import wait_for
 from billstream_runtime.ids import new_ids
 
 _RETRIES = 3
-_ACCEPTED_TYPE = UsageAccepted.event_type
-_ACCEPTED_VERSION = UsageAccepted.version
+_BATCH_TYPE = UsageBatchAccepted.event_type
+_BATCH_VERSION = UsageBatchAccepted.version
+#: A `usage.batch_accepted` holds at most this much usage JSON, well under a Kafka record's
+#: usual 1 MiB limit (settings.accepted_batch_max_bytes).
+DEFAULT_MAX_BATCH_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +81,8 @@ async def ingest(
     for attempt in range(1, _RETRIES + 1):
         try:
             async with pool.acquire() as conn, conn.transaction():
-                outcomes = await write(conn, store, [prepared])
+                outcomes = await write(conn, store, [prepared],
+                                       max_batch_bytes=settings.accepted_batch_max_bytes)
             return outcomes
         except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
             if attempt == _RETRIES:
@@ -146,12 +152,17 @@ async def prepare(
     return prepared
 
 
-async def write(conn: asyncpg.Connection, store: EventStore,
-                batches: Sequence[Prepared]) -> list[Outcome]:
-    """In the caller's transaction: claim the keys of every prepared batch and append one
-    `usage.accepted` per newly claimed key. Returns every outcome of every batch."""
+async def write(conn: asyncpg.Connection, store: EventStore, batches: Sequence[Prepared],
+                *, max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> list[Outcome]:
+    """In the caller's transaction: claim the keys of every prepared batch and append the newly
+    claimed usage as `usage.batch_accepted` events (one per tenant batch, split so that none
+    holds more than `max_batch_bytes` of JSON). Returns every outcome of every batch.
+
+    Each usage is encoded before its key is claimed (its size decides which batch event it
+    goes in, and the key row records that event's id for corrections); usage whose key turns
+    out to be taken is left out of its batch."""
     outcomes: list[Outcome] = []
-    accepted: list[NewEvent] = []
+    appended: list[NewEvent] = []
     for prepared in batches:
         outcomes += prepared.outcomes
         if not prepared.valid:
@@ -159,20 +170,31 @@ async def write(conn: asyncpg.Connection, store: EventStore,
         scope = prepared.scope
         firsts = domain.first_per_key(prepared.valid)
         usage_ids = new_ids("use", len(firsts))
-        event_ids = new_ids("evt", len(firsts))
+        customers = prepared.customers
+        timestamps = prepared.timestamps
+        encoded = [
+            _usage_json(ev, usage_id, customers.get(ev.customer), timestamps[ev.index])
+            for ev, usage_id in zip(firsts, usage_ids, strict=True)
+        ]
+        chunks = _chunks(encoded, max_batch_bytes)
+        event_ids = new_ids("evt", len(chunks))
+        chunk_of = []  # the event id of each first's batch
+        for event_id, (start, stop) in zip(event_ids, chunks, strict=True):
+            chunk_of += [event_id] * (stop - start)
         claims = [
             KeyClaim(ev.idempotency_key, ev.payload_hash, usage_id, event_id, ev.customer,
-                     prepared.timestamps[ev.index])
-            for ev, usage_id, event_id in zip(firsts, usage_ids, event_ids, strict=True)
+                     timestamps[ev.index])
+            for ev, usage_id, event_id in zip(firsts, usage_ids, chunk_of, strict=True)
         ]
         claimed = await repository.claim_keys(conn, scope.tenant_id, scope.environment, claims)
-        for ev, claim in zip(firsts, claims, strict=True):
-            if claimed[ev.idempotency_key][2]:
-                accepted.append(_accepted_event(
-                    scope, ev, claim, prepared.customers.get(ev.customer)))
+        for event_id, (start, stop) in zip(event_ids, chunks, strict=True):
+            won = [encoded[i] for i in range(start, stop)
+                   if claimed[firsts[i].idempotency_key][2]]
+            if won:
+                appended.append(_batch_event(scope, event_id, won))
         outcomes += domain.resolve_outcomes(prepared.valid, claimed)
-    if accepted:
-        await store.append(conn, accepted, returning=False)
+    if appended:
+        await store.append(conn, appended, returning=False)
     return outcomes
 
 
@@ -230,24 +252,43 @@ def default_timestamp(customer: KnownCustomer | None, now: datetime) -> datetime
     return now
 
 
-def _accepted_event(scope: Scope, ev: UsageEvent, claim: KeyClaim,
-                    customer: KnownCustomer | None) -> NewEvent:
-    """The `usage.accepted` event, its data built as the UsageAccepted contract's JSON
-    directly (the hot path skips the model; tests check the two agree)."""
-    customer_id = customer.customer_id if customer else None
-    data = {
-        "usage_id": claim.usage_id,
+def _usage_json(ev: UsageEvent, usage_id: str, customer: KnownCustomer | None,
+                timestamp: datetime) -> bytes:
+    """One usage of a `usage.batch_accepted`, as the AcceptedUsage contract's JSON (the hot
+    path skips the model; tests check the two agree)."""
+    return orjson.dumps({
+        "usage_id": usage_id,
         "idempotency_key": ev.idempotency_key,
         "customer": ev.customer,
-        "customer_id": customer_id,
+        "customer_id": customer.customer_id if customer else None,
         "meter": ev.meter,
         "quantity": ev.quantity_text,
-        "timestamp": claim.timestamp,  # the store's encoder writes RFC 3339 UTC ("Z")
+        "timestamp": timestamp,
         "properties": ev.properties,
-    }
+    }, option=orjson.OPT_UTC_Z)
+
+
+def _chunks(encoded: Sequence[bytes], max_bytes: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of `encoded` whose JSON array fits in `max_bytes` (a single
+    larger item gets a range of its own)."""
+    chunks = []
+    start, size = 0, 2
+    for i, item in enumerate(encoded):
+        grown = size + len(item) + 1
+        if grown > max_bytes and i > start:
+            chunks.append((start, i))
+            start, grown = i, 2 + len(item) + 1
+        size = grown
+    chunks.append((start, len(encoded)))
+    return chunks
+
+
+def _batch_event(scope: Scope, event_id: str, usages: list[bytes]) -> NewEvent:
     return NewEvent(
-        data=data, type=_ACCEPTED_TYPE, version=_ACCEPTED_VERSION,
+        data=orjson.Fragment(b'{"usages":[' + b",".join(usages) + b"]}"),
+        type=_BATCH_TYPE, version=_BATCH_VERSION,
         tenant_id=scope.tenant_id, environment=scope.environment,
-        aggregate_type="customer", aggregate_id=customer_id or ev.customer,
-        occurred_at=claim.timestamp, id=claim.event_id,
+        # a batch spans customers: keyed by its own id, batches spread over the partitions
+        aggregate_type="usage_batch", aggregate_id=event_id,
+        occurred_at=datetime.now(UTC), id=event_id,
     )

@@ -31,11 +31,15 @@ class IngestionSettings(ServiceSettings):
     key_purge_interval_s: float = 3600.0
     key_purge_batch: int = 10_000
     # Backpressure: answer 503 + Retry-After (HTTP) or pause the Kafka input when more than
-    # this many accepted events wait for the relay to publish them ...
-    max_relay_lag_events: int = 200_000
+    # this many bytes of accepted events wait for the relay to publish them (64 MiB: about
+    # 400,000 usage events in batches; some seconds of the relay's work) ...
+    max_relay_lag_bytes: int = 64 * 1024 * 1024
     # ... or when this many events are being ingested at once by this process.
     max_inflight_events: int = 16_000
     retry_after_s: int = 1
+    # Accepted usage is logged and published as `usage.batch_accepted` events of at most this
+    # much JSON each (keep it well under the broker's message size limit).
+    accepted_batch_max_bytes: int = Field(256 * 1024, ge=16 * 1024, le=768 * 1024)
     # Kafka input (`billstream.usage.raw`): consume it in this process.
     raw_input_enabled: bool = True
     raw_topic: str = USAGE_RAW

@@ -1,7 +1,7 @@
 """Consumers of metering.
 
 - `metering.usage` (billstream.usage.accepted, ingestion's log): one usage row per accepted
-  event, corrected by `usage.voided` / `usage.amended` (see service.correct_usage), and
+  event (ingestion logs them in `usage.batch_accepted` batches), corrected by `usage.voided` / `usage.amended` (see service.correct_usage), and
   `usage.period_closed` recorded as a pending close; `tasks.close_periods` answers it
   with `usage.period_summarized` once every usage event before it in the log is applied. This
   consumer must handle every type ingestion writes to that log: the per-source watermark counts
@@ -23,6 +23,10 @@ async def on_usage_accepted(ctx: EventContext) -> None:
     await service.record_usage(ctx.conn, _scope(ctx), ctx.data, ctx.envelope.sequence)
 
 
+async def on_usage_batch_accepted(ctx: EventContext) -> None:
+    await service.record_usage_batch(ctx.conn, _scope(ctx), ctx.data, ctx.envelope.sequence)
+
+
 async def on_usage_corrected(ctx: EventContext) -> None:
     await service.correct_usage(ctx.conn, ctx.envelope, ctx.data)
 
@@ -40,7 +44,8 @@ async def on_period_closed(ctx: EventContext) -> None:
 
 
 USAGE_HANDLERS = {
-    "usage.accepted": on_usage_accepted,
+    "usage.accepted": on_usage_accepted,  # logs written before batches
+    "usage.batch_accepted": on_usage_batch_accepted,
     "usage.voided": on_usage_corrected,
     "usage.amended": on_usage_corrected,
     "usage.period_closed": on_period_closed,

@@ -12,10 +12,12 @@ import asyncpg
 import structlog
 
 from billstream_contracts.events import (
+    AcceptedUsage,
     CustomerCreated,
     MeterCreated,
     UsageAccepted,
     UsageAmended,
+    UsageBatchAccepted,
     UsagePeriodClosed,
     UsagePeriodSummarized,
     UsageVoided,
@@ -39,12 +41,26 @@ class Scope:
 # ---------------------------------------------------------------- usage
 
 
-async def record_usage(conn: asyncpg.Connection, scope: Scope, data: UsageAccepted,
-                       source_seq: int | None = None) -> None:
+async def record_usage_batch(conn: asyncpg.Connection, scope: Scope, data: UsageBatchAccepted,
+                             source_seq: int | None = None) -> None:
+    """Keep every usage of a `usage.batch_accepted` (each as record_usage does), looking each
+    meter up once."""
+    meters: dict[str, Meter | None] = {}
+    for usage in data.usages:
+        await record_usage(conn, scope, usage, source_seq, meters)
+
+
+async def record_usage(conn: asyncpg.Connection, scope: Scope,
+                       data: UsageAccepted | AcceptedUsage, source_seq: int | None = None,
+                       meters: dict[str, Meter | None] | None = None) -> None:
     """Keep one accepted usage event (idempotent on usage_id), then apply the corrections of it
-    that arrived first (pending)."""
+    that arrived first (pending). `meters` caches the meters looked up (a known one only)."""
     quantity = Decimal(data.quantity)
-    meter = await _meter(conn, scope, data.meter)
+    meter = meters.get(data.meter) if meters is not None else None
+    if meter is None:
+        meter = await _meter(conn, scope, data.meter)
+        if meters is not None and meter is not None:
+            meters[data.meter] = meter
     inserted, pending = await repository.insert_usage(conn, UsageRow(
         usage_id=data.usage_id, tenant_id=scope.tenant_id, environment=scope.environment,
         customer_ref=data.customer, customer_id=data.customer_id, meter=data.meter,

@@ -113,11 +113,23 @@ class Ingestion:
     async def wait_for_row(self, sql: str, *args) -> None:
         await eventually(lambda: self.host.pool.fetchval(sql, *args), message=sql)
 
-    async def accepted_events(self) -> list[dict]:
+    async def log_rows(self) -> list[dict]:
+        """This tenant's rows of ingestion's log, `data` decoded from the stored envelope (the
+        usage log keeps no other copy: EventStore keep_data=False)."""
         rows = await self.host.pool.fetch(
             "SELECT * FROM event_log WHERE tenant_id = $1 ORDER BY seq", self.tenant_id)
-        # the usage log keeps only the published envelope (EventStore keep_data=False)
         return [{**dict(r), "data": orjson.loads(r["envelope"])["data"]} for r in rows]
+
+    async def accepted_events(self) -> list[dict]:
+        """The log in order, each usage of a `usage.batch_accepted` as an entry of its own:
+        the row's columns (type, seq, id … of the batch) with `data` = that usage."""
+        out = []
+        for row in await self.log_rows():
+            if row["type"] == "usage.batch_accepted":
+                out += [{**row, "data": usage} for usage in row["data"]["usages"]]
+            else:
+                out.append(row)
+        return out
 
 
 def ingestion_settings(dsn: str, bootstrap: str, **extra: str) -> IngestionSettings:

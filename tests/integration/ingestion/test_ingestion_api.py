@@ -72,7 +72,9 @@ async def test_batch_gives_exact_per_event_outcomes(ingestion: Ingestion):
     assert "usage_id" not in res[3]
 
     events = await ingestion.accepted_events()
-    assert [e["type"] for e in events] == ["usage.accepted"] * 3
+    # one log row (one record on the topic) for the request's accepted usage
+    assert [e["type"] for e in events] == ["usage.batch_accepted"] * 3
+    assert len(await ingestion.log_rows()) == 1
     assert {e["topic"] for e in events} == {USAGE_ACCEPTED}
     by_key = {e["data"]["idempotency_key"]: e for e in events}
     k0, k5, k6 = by_key["k0"], by_key["k5"], by_key["k6"]
@@ -81,9 +83,8 @@ async def test_batch_gives_exact_per_event_outcomes(ingestion: Ingestion):
         "customer_id": cus, "meter": "api_calls", "quantity": "10",
         "timestamp": RECENT, "properties": {"region": "eu"},
     }
-    assert (k0["aggregate_type"], k0["aggregate_id"]) == ("customer", cus)
-    assert k0["occurred_at"] == RECENT_AT
-    assert k5["data"]["customer_id"] is None and k5["aggregate_id"] == "ghost-7"
+    assert (k0["aggregate_type"], k0["aggregate_id"]) == ("usage_batch", k0["id"])
+    assert k5["data"]["customer_id"] is None and k5["data"]["customer"] == "ghost-7"
     assert k5["data"]["quantity"] == "2.5"
     assert k6["data"]["customer"] == cus and k6["data"]["customer_id"] == cus
     assert k6["data"]["quantity"] == "1.5"
@@ -155,13 +156,13 @@ async def test_accepted_events_are_published(ingestion: Ingestion):
         r = await c.post("/v1/usage/events",
                          json={"events": [ev(f"p{i}", quantity="2") for i in range(100)]})
     assert r.json()["accepted"] == 100
-    records = [orjson.loads(r.value) for r in await read_topic(
-        ingestion.bootstrap, USAGE_ACCEPTED, 100,
+    [record] = [orjson.loads(r.value) for r in await read_topic(
+        ingestion.bootstrap, USAGE_ACCEPTED, 1,
         lambda r: orjson.loads(r.value)["tenant_id"] == ingestion.tenant_id)]
-    assert {r["type"] for r in records} == {"usage.accepted"}
-    assert {r["source"] for r in records} == {"ingestion"}
-    assert sorted(r["data"]["idempotency_key"] for r in records) == sorted(
+    assert (record["type"], record["source"]) == ("usage.batch_accepted", "ingestion")
+    assert sorted(u["idempotency_key"] for u in record["data"]["usages"]) == sorted(
         f"p{i}" for i in range(100))
+    assert {u["quantity"] for u in record["data"]["usages"]} == {"2"}
 
 
 async def test_a_meter_created_a_moment_ago_is_waited_for(fresh_database, kafka_bootstrap):
@@ -251,7 +252,7 @@ async def test_a_period_end_is_ordered_behind_the_usage_accepted_before_it(inges
         "SELECT 1 FROM event_log WHERE type = 'usage.period_closed' AND tenant_id = $1",
         ingestion.tenant_id)
     log = await ingestion.accepted_events()
-    assert [e["type"] for e in log] == ["usage.accepted"] * 5 + ["usage.period_closed"]
+    assert [e["type"] for e in log] == ["usage.batch_accepted"] * 5 + ["usage.period_closed"]
     close = log[-1]
     assert close["topic"] == USAGE_ACCEPTED and close["causation_id"] is not None
     assert close["data"]["subscription"]["subscription_id"] == "sub_1"

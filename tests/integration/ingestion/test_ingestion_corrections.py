@@ -70,7 +70,7 @@ async def test_void_appends_a_compensating_event_and_keeps_the_original(ingestio
     assert resend["results"][0]["status"] == "duplicate"  # the key stays taken
     assert amend.status_code == 409 and amend.json()["error"]["code"] == "usage_event_voided"
     log = await ingestion.accepted_events()
-    assert [e["type"] for e in log] == ["usage.accepted", "usage.voided"]
+    assert [e["type"] for e in log] == ["usage.batch_accepted", "usage.voided"]
     assert log[0]["data"]["quantity"] == "5"  # the original is untouched
     assert log[1]["data"] == {"correction_id": void["id"], "usage_id": usage_id,
                               "idempotency_key": "v-1", "reason": "test traffic"}
@@ -93,7 +93,7 @@ async def test_amend_replaces_quantity_and_properties(ingestion):
     assert (q.json()["quantity"], q.json()["properties"]) == ("12.5", {"region": "eu", "n": 1})
     assert (p.json()["quantity"], p.json()["properties"]) == ("12.5", {"region": "us"})
     log = await ingestion.accepted_events()
-    assert [e["type"] for e in log] == ["usage.accepted", "usage.amended", "usage.amended"]
+    assert [e["type"] for e in log] == ["usage.batch_accepted", "usage.amended", "usage.amended"]
     assert log[2]["data"]["quantity"] == "12.5"
     assert log[2]["data"]["properties"] == {"region": "us"}
     assert (state["status"], state["quantity"], state["properties"]) == (
@@ -156,8 +156,9 @@ async def test_billed_usage_cannot_be_corrected(ingestion):
     assert late.status_code == 200, late.text
     assert late_again.status_code == 409
     types = [e["type"] for e in await ingestion.accepted_events()]
-    assert types == ["usage.accepted", "usage.accepted", "usage.period_closed",
-                     "usage.accepted", "usage.voided", "usage.amended", "usage.period_closed"]
+    assert types == ["usage.batch_accepted", "usage.batch_accepted", "usage.period_closed",
+                     "usage.batch_accepted", "usage.voided", "usage.amended",
+                     "usage.period_closed"]
 
 
 async def test_a_replayed_period_end_is_not_closed_twice(ingestion):

@@ -140,7 +140,7 @@ async def test_backlog_answers_503_with_retry_after_and_takes_nothing(ingestion:
     host = ingestion.host
     await host.relay.stop()  # nothing is published any more: the backlog grows
     host.app.state.admission._settings = host.settings.model_copy(
-        update={"max_relay_lag_events": 5})
+        update={"max_relay_lag_bytes": 100})
     host.app.state.admission._lag_at = float("-inf")
     async with ingestion.client() as c:
         first = await c.post("/v1/usage/events", json={"events": [
@@ -250,7 +250,7 @@ async def test_a_republish_of_the_whole_log_does_not_shut_intake_off(ingestion: 
     assert r.json()["accepted"] == 20
     await host.relay.stop()
     admission = host.app.state.admission
-    admission._settings = host.settings.model_copy(update={"max_relay_lag_events": 5})
+    admission._settings = host.settings.model_copy(update={"max_relay_lag_bytes": 100})
     # as the relay leaves it when it starts republishing the whole log
     await host.pool.execute(
         "UPDATE relay_state SET published_seq = 0,"

@@ -28,7 +28,7 @@ def native(key, customer="acme-1", **extra):
 
 async def accepted_keys(ingestion: Ingestion, n: int) -> dict[str, dict]:
     async def probe():
-        events = [e for e in await ingestion.accepted_events() if e["type"] == "usage.accepted"]
+        events = [e for e in await ingestion.accepted_events() if e["type"] == "usage.batch_accepted"]
         return {e["data"]["idempotency_key"]: e["data"] for e in events} \
             if len(events) >= n else None
 
@@ -194,7 +194,7 @@ async def test_the_kafka_input_pauses_while_the_relay_is_behind(ingestion: Inges
     host = ingestion.host
     runner = host.app.state.raw_input
     await host.relay.stop()  # nothing is published: the backlog only grows
-    runner.admission = Admission(host.settings.model_copy(update={"max_relay_lag_events": 10}),
+    runner.admission = Admission(host.settings.model_copy(update={"max_relay_lag_bytes": 100}),
                                  pool=lambda: host.pool)
     await ingestion.produce_raw(*[(b"c", native(f"p-{i}"), [auth]) for i in range(30)])
 

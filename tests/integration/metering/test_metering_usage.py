@@ -20,6 +20,7 @@ from metering_harness import (
     period_ended,
     plan,
     usage,
+    void,
 )
 
 pytestmark = pytest.mark.integration
@@ -90,6 +91,39 @@ async def test_usage_query_counts_each_event_once(metering: Metering):
         # usage is merchant data: publishable keys only read entitlements and start checkouts
         r = await c.get("/v1/usage", params={"customer": "acme-1", "meter": "hits"})
         assert r.status_code == 403 and r.json()["error"]["code"] == "secret_key_required"
+
+
+async def test_usage_batches_count_each_usage_once(metering: Metering):
+    """Ingestion logs usage as `usage.batch_accepted`: every usage of a batch is kept once,
+    across a redelivered batch and a usage repeated in another batch; a meter's field is read
+    per usage; a correction keyed like its batch applies."""
+    from billstream_contracts.events import AcceptedUsage, UsageBatchAccepted
+
+    await metering.create_meter("api_calls")
+    await metering.create_meter("tokens", field="tokens")
+    cus = await metering.create_customer("acme-b")
+
+    def batch(usages):
+        data = UsageBatchAccepted(usages=[AcceptedUsage(**u.model_dump()) for u in usages])
+        return envelope(data, tenant_id=metering.tenant_id, source=metering.source,
+                        aggregate_type="usage_batch", aggregate_id=new_id("evt"),
+                        sequence=next(metering.sequence))
+
+    calls = [usage("acme-b", "api_calls", "2", JAN + timedelta(minutes=i), customer_id=cus)
+             for i in range(700)]
+    tokens = [usage("acme-b", "tokens", "1", JAN, properties={"tokens": n}) for n in (5, 7)]
+    first, second = batch(calls[:400] + tokens), batch(calls[400:])
+    repeat = batch(calls[390:410])  # usage already kept, in another envelope
+    await metering.publish_log(first, second, first, repeat)
+    await metering.wait_for_usage_rows(702)
+    r = (await metering.get_usage(customer="acme-b", meter="api_calls")).json()
+    assert (r["value"], r["event_count"]) == ("1400", 700)
+    t = (await metering.get_usage(customer=cus, meter="tokens")).json()
+    assert (t["value"], t["event_count"]) == ("12", 2)
+    await metering.publish_log(metering.log_envelope(void(calls[0]), calls[0]))
+    await metering.wait_for_corrections(1, "applied")
+    r = (await metering.get_usage(customer="acme-b", meter="api_calls")).json()
+    assert (r["value"], r["event_count"]) == ("1398", 699)
 
 
 async def test_customer_and_meter_arriving_after_their_usage(metering: Metering):

@@ -208,25 +208,45 @@ def test_default_timestamp_follows_the_test_clock():
     assert default_timestamp(KnownCustomer("cus_1", "acme", frozen), now) == frozen
 
 
-def test_the_hot_path_usage_accepted_matches_the_contract():
-    """service._accepted_event builds the UsageAccepted JSON without the model: it must be what
-    the model would publish, field for field."""
+def test_the_hot_path_usage_batch_matches_the_contract():
+    """service._usage_json / _batch_event build the UsageBatchAccepted JSON without the models:
+    it must be what the models would publish, field for field."""
     import orjson
 
-    from billstream_contracts.events import UsageAccepted
-    from billstream_ingestion.repository import KeyClaim
-    from billstream_ingestion.service import Scope, _accepted_event
+    from billstream_contracts.events import UsageBatchAccepted
+    from billstream_ingestion.service import Scope, _batch_event, _usage_json
 
     parsed = parse(event(quantity="2.50", timestamp="2026-01-05T10:00:00.25+02:00",
                          properties={"region": "eu", "n": Decimal("1.10")}))
-    claim = KeyClaim("k1", parsed.payload_hash, "use_1", "evt_1", "acme-1",
-                     parsed.timestamp)
-    new = _accepted_event(Scope("ten_1", "test"), parsed, claim,
-                          KnownCustomer("cus_1", "acme-1", None))
-    wire = orjson.loads(orjson.dumps(new.data, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC))
-    model = UsageAccepted.model_validate(wire)
-    assert model.model_dump(mode="json") == {**wire, "timestamp": "2026-01-05T08:00:00.250000Z"}
-    assert wire["timestamp"] == "2026-01-05T08:00:00.250000Z"
-    assert (new.type, new.version, new.id) == (UsageAccepted.event_type, UsageAccepted.version,
-                                               "evt_1")
-    assert wire["quantity"] == "2.5" and wire["properties"] == {"region": "eu", "n": "1.1"}
+    other = parse(event(idempotency_key="k2", customer="nobody-yet"))
+    now = datetime(2026, 1, 6, tzinfo=UTC)
+    usages = [_usage_json(parsed, "use_1", KnownCustomer("cus_1", "acme-1", None),
+                          parsed.timestamp),
+              _usage_json(other, "use_2", None, now)]
+    new = _batch_event(Scope("ten_1", "test"), "evt_1", usages)
+    wire = orjson.loads(orjson.dumps(new.data))
+    model = UsageBatchAccepted.model_validate(wire)
+    assert model.model_dump(mode="json") == {"usages": [
+        {**wire["usages"][0], "timestamp": "2026-01-05T08:00:00.250000Z"},
+        {**wire["usages"][1], "timestamp": "2026-01-06T00:00:00Z"}]}
+    first, second = wire["usages"]
+    assert first["timestamp"] == "2026-01-05T08:00:00.250000Z"
+    assert (first["usage_id"], first["customer_id"], first["idempotency_key"]) == (
+        "use_1", "cus_1", parsed.idempotency_key)
+    assert (second["customer"], second["customer_id"]) == ("nobody-yet", None)
+    assert (new.type, new.version, new.id) == (UsageBatchAccepted.event_type,
+                                               UsageBatchAccepted.version, "evt_1")
+    assert (new.aggregate_type, new.aggregate_id) == ("usage_batch", "evt_1")
+    assert first["quantity"] == "2.5" and first["properties"] == {"region": "eu", "n": "1.1"}
+
+
+def test_usage_batches_are_split_by_size():
+    from billstream_ingestion.service import _chunks
+
+    items = [b"x" * 10] * 10  # each costs 11 bytes in the array, the array 2
+    assert _chunks(items, 2 + 11 * 10) == [(0, 10)]
+    assert _chunks(items, 2 + 11 * 10 - 1) == [(0, 9), (9, 10)]
+    assert _chunks(items, 2 + 11 * 3) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    # an item larger than the limit still goes, alone
+    assert _chunks([b"y" * 100, b"x", b"y" * 100], 50) == [(0, 1), (1, 2), (2, 3)]
+    assert _chunks([b"x"], 50) == [(0, 1)]
