@@ -1057,7 +1057,7 @@ async def run(ctx) -> dict:
             with contextlib.suppress(Exception):
                 await pool.close()
         await platform.stop()
-        if ok:
+        if ok and not os.environ.get("BENCH_KEEP_LOGS"):
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"bench: ingestion: logs kept in {workdir}", flush=True)

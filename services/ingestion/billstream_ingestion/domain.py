@@ -128,8 +128,36 @@ def rejected(index: int, key: Any, code: str, message: str,
 
 def loads(raw: bytes | str) -> Any:
     """JSON with every non-integer number as an exact Decimal (never through a float).
-    Raises ValueError (UnicodeDecodeError included) or RecursionError."""
+    Raises ValueError (UnicodeDecodeError included) or RecursionError.
+
+    orjson parses first (several times faster); its result is used only when it holds no
+    float (integers it parses exactly). Any document with a non-integer number, or one orjson
+    refuses (integers beyond 64 bits, NaN, lone surrogates, other encodings, deep nesting), is
+    parsed again by `exact_loads`, so the result and the errors are always exact_loads's."""
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return exact_loads(raw)
+    if _has_float(parsed):
+        return exact_loads(raw)
+    return parsed
+
+
+def exact_loads(raw: bytes | str) -> Any:
     return json.loads(raw, parse_float=Decimal, parse_constant=Decimal)
+
+
+def _has_float(value: Any) -> bool:
+    kind = type(value)
+    if kind is dict:
+        value = value.values()
+    elif kind is not list:
+        return kind is float
+    for item in value:
+        kind = type(item)
+        if kind is float or ((kind is dict or kind is list) and _has_float(item)):
+            return True
+    return False
 
 
 def split_body(body: Any, max_events: int) -> list[Any]:

@@ -2,7 +2,9 @@
 consumes it with the same rules as HTTP (service.prepare / service.write) and reports every
 event that was not accepted on `billstream.usage.rejected`.
 
-One poll (up to `raw_max_records` records, any tenants) is handled as a unit:
+One poll (up to `raw_max_records` records, any tenants) is handled as a unit, in two halves
+that overlap with the polls before and after (the next poll is decoded and prepared while this
+one is written; writes and offset commits keep the order of the polls):
   1. decode each record (raw_records.decode) and authenticate its API key;
   2. prepare per tenant and environment (validation, meters, customers, time window);
   3. one PostgreSQL transaction claims the keys and appends the accepted events;
@@ -21,8 +23,10 @@ the consumer pauses its partitions and resumes below it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -84,24 +88,35 @@ class RawInput:
             max_batch_size=512 * 1024, enable_idempotence=False,
             client_id="billstream-ingestion-rejected",
         )
+        inflight: _Inflight | None = None
         try:
             await producer.start()
             await consumer.start()
             while True:
-                await self._step(consumer, producer)
+                inflight = await self._step(consumer, producer, inflight)
         finally:
+            if inflight is not None:  # its transaction rolls back: the poll comes again
+                inflight.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await inflight.task
             await consumer.stop()
             await producer.stop()
 
-    async def _step(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
+    async def _step(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
+                    inflight: _Inflight | None) -> _Inflight | None:
+        """One poll, pipelined: poll N+1 is decoded and prepared (CPU and reads) while poll N
+        is written, reported and committed (`inflight`, mostly waiting on PostgreSQL and the
+        broker). Writes and offset commits stay strictly in poll order: N+1's write starts
+        only after N's offsets are committed. Returns the new in-flight poll."""
         if await self.admission.backlogged():
+            await self._settle(consumer, inflight, {})
             if not self.paused:
                 consumer.pause(*consumer.assignment())
                 self.paused = True
                 log.warning("raw_input_paused", reason="relay backlog",
                             lag_bytes=await self.admission.relay_lag())
             await asyncio.sleep(0.2)
-            return
+            return None
         if self.paused:
             consumer.resume(*consumer.paused())
             self.paused = False
@@ -109,27 +124,60 @@ class RawInput:
         polled = await consumer.getmany(timeout_ms=500, max_records=self.settings.raw_max_records)
         records = [rec for recs in polled.values() for rec in recs]
         if not records:
-            return
+            await self._settle(consumer, inflight, {})
+            return None
         try:
-            await self.handle(records, producer)
+            staged = await self.stage(records)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - rewind, never commit past unhandled records
-            for tp, recs in polled.items():
-                consumer.seek(tp, recs[0].offset)
+            await self._settle(consumer, inflight, polled)
+            _rewind(consumer, polled)
             log.error("raw_batch_failed", error=repr(exc), records=len(records))
             await asyncio.sleep(1.0)
-            return
+            return None
+        if not await self._settle(consumer, inflight, polled):
+            return None  # the poll before failed and rewound: this one comes again
+        return _Inflight(asyncio.create_task(
+            self._finish_and_commit(consumer, producer, polled, staged), name="raw-input-write"),
+            polled)
+
+    async def _settle(self, consumer: AIOKafkaConsumer, inflight: _Inflight | None,
+                      polled: dict) -> bool:
+        """Wait for the in-flight poll. If it failed (it rewound its own partitions), rewind
+        the partitions of `polled` (a later poll) that it did not hold, and say so."""
+        if inflight is None or await inflight.task:
+            return True
+        held = inflight.polled
+        _rewind(consumer, {tp: recs for tp, recs in polled.items() if tp not in held})
+        return False
+
+    async def _finish_and_commit(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
+                                 polled: dict, staged: Staged) -> bool:
+        try:
+            await self.finish(staged, producer)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - rewind, never commit past unhandled records
+            _rewind(consumer, polled)
+            log.error("raw_batch_failed", error=repr(exc), records=len(staged.records))
+            await asyncio.sleep(1.0)
+            return False
         try:
             await consumer.commit({tp: recs[-1].offset + 1 for tp, recs in polled.items()})
         except (CommitFailedError, IllegalStateError) as exc:
             # A rebalance took the partitions: their new owner gets the records again, and
             # the events already committed come back as duplicates.
             log.warning("raw_commit_failed", error=repr(exc))
+        return True
 
     # -- one poll ---------------------------------------------------------------------------
     async def handle(self, records: list[ConsumerRecord], producer: AIOKafkaProducer) -> None:
         """Apply one poll: durable in PostgreSQL, then every non-accepted outcome reported."""
+        await self.finish(await self.stage(records), producer)
+
+    async def stage(self, records: list[ConsumerRecord]) -> Staged:
+        """The read-only half of a poll: decode, authenticate, prepare per tenant."""
         settings = self.settings
         decoded = [raw_records.decode(rec.value, rec.headers, settings.raw_max_record_bytes)
                    for rec in records]
@@ -171,9 +219,14 @@ class RawInput:
                 if outcome.code == "unknown_meter":
                     self._unknown_meter_at[(scope, raw_at[outcome.index].get("meter"))] = now
             prepared.append(batch)
-        for outcome in await self._write(prepared):
+        return Staged(records, decoded, outcomes, groups, prepared)
+
+    async def finish(self, staged: Staged, producer: AIOKafkaProducer) -> None:
+        """The writing half of a poll: one transaction, then the reports."""
+        outcomes = staged.outcomes
+        for outcome in await self._write(staged.prepared):
             outcomes[outcome.index] = outcome
-        await self._report(records, decoded, outcomes, groups, producer)
+        await self._report(staged.records, staged.decoded, outcomes, staged.groups, producer)
         counts = Counter(o.status for o in outcomes.values())
         counter = self.host.metrics.custom.get("usage_events")
         if counter is not None:
@@ -254,6 +307,32 @@ class RawInput:
             if isinstance(result.get(key), ApiError):
                 self._refused_keys[key] = (until, result[key])  # type: ignore[assignment]
         return result
+
+
+@dataclass(slots=True)
+class _Inflight:
+    """A poll being written: its task (True when committed, False when it failed and
+    rewound its partitions) and its records by partition."""
+
+    task: asyncio.Task
+    polled: dict
+
+
+@dataclass(slots=True)
+class Staged:
+    """A poll decoded and prepared, not yet written."""
+
+    records: list[ConsumerRecord]
+    decoded: list[raw_records.Decoded]
+    outcomes: dict[int, Outcome]  # decided so far (by index in `records`)
+    groups: dict[service.Scope, tuple[list[int], list]]
+    prepared: list[service.Prepared]
+
+
+def _rewind(consumer: AIOKafkaConsumer, polled: dict) -> None:
+    """Fetch these partitions again from the poll's first records."""
+    for tp, recs in polled.items():
+        consumer.seek(tp, recs[0].offset)
 
 
 def _key_of(raw) -> str | None:

@@ -43,16 +43,28 @@ class Decoded:
     cloudevent: bool = False
 
 
+#: The API key header's value → the key: producers send the same few keys on every record.
+_API_KEYS: dict[bytes, str] = {}
+
+
 def decode(value: bytes | None, headers: Any, max_bytes: int) -> Decoded:
     headers = list(headers or ())
     api_key = None
     for name, header_value in headers:
         if name.lower() == API_KEY_HEADER and header_value is not None:
-            try:
-                api_key = bytes(header_value).decode("utf-8").strip()
-            except UnicodeDecodeError:
-                api_key = None
-    binary = cloudevents.is_kafka_binary(headers)
+            api_key = _API_KEYS.get(header_value) if type(header_value) is bytes else None
+            if api_key is None:
+                try:
+                    api_key = bytes(header_value).decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    api_key = None
+                else:
+                    if type(header_value) is bytes:
+                        if len(_API_KEYS) > 1024:
+                            _API_KEYS.clear()
+                        _API_KEYS[header_value] = api_key
+    # the API key alone is not a CloudEvent: binary mode needs ce_* headers besides it
+    binary = len(headers) > 1 and cloudevents.is_kafka_binary(headers)
     if binary and not (value or b"").strip():  # binary mode with no data: data is absent
         try:
             return Decoded(api_key, cloudevents.from_kafka_binary(headers, None),

@@ -18,10 +18,13 @@ from billstream_contracts.events import (
     TestClockAdvanced,
     TestClockCreated,
 )
-from billstream_contracts.topics import SUBSCRIPTION_EVENTS, USAGE_REJECTED
+from billstream_contracts.topics import (
+    SUBSCRIPTION_EVENTS, TOPICS, USAGE_RAW, USAGE_REJECTED, TopicSpec,
+)
 from billstream_ingestion.bootstrap import build
 from billstream_ingestion.settings import IngestionSettings
 from billstream_messaging import ServiceHost
+from billstream_messaging.topics import ensure_topics
 from billstream_runtime.auth import hash_key
 from billstream_runtime.ids import new_id
 from billstream_runtime.settings import load_settings
@@ -132,6 +135,9 @@ class Ingestion:
         return out
 
 
+RAW_PARTITIONS = next(t.partitions for t in TOPICS if t.name == USAGE_RAW)
+
+
 def ingestion_settings(dsn: str, bootstrap: str, **extra: str) -> IngestionSettings:
     env = service_env("ingestion", dsn, bootstrap,
                       **{"projection_wait_s": "0.3", "db_pool_max": "20", **extra})
@@ -142,6 +148,8 @@ def ingestion_settings(dsn: str, bootstrap: str, **extra: str) -> IngestionSetti
 async def ingestion(fresh_database, kafka_bootstrap):
     # each test's Kafka input reads its own topic: the broker is shared by the whole session
     raw_topic = f"test.usage.raw.{unique('t')}"
+    # partitioned like billstream.usage.raw (polls span partitions, as in production)
+    await ensure_topics(kafka_bootstrap, [TopicSpec(raw_topic, RAW_PARTITIONS)])
     host = build(ingestion_settings(fresh_database, kafka_bootstrap, raw_topic=raw_topic))
     await host.start(serve_http=False)
     try:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 
 from billstream_testing.waiting import eventually
 from ingestion_harness import Ingestion
@@ -28,7 +29,8 @@ def native(key, customer="acme-1", **extra):
 
 async def accepted_keys(ingestion: Ingestion, n: int) -> dict[str, dict]:
     async def probe():
-        events = [e for e in await ingestion.accepted_events() if e["type"] == "usage.batch_accepted"]
+        events = [e for e in await ingestion.accepted_events()
+                  if e["type"] == "usage.batch_accepted"]
         return {e["data"]["idempotency_key"]: e["data"] for e in events} \
             if len(events) >= n else None
 
@@ -148,6 +150,54 @@ async def test_offsets_are_committed_after_the_events_are_durable(ingestion: Ing
         await consumer.stop()
     async with ingestion.host.pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM usage_keys") == 50
+
+
+async def test_a_failed_write_rewinds_its_poll_and_the_one_prepared_behind_it(
+        ingestion: Ingestion):
+    """The input prepares poll N+1 while poll N is written. When N's write fails, both are
+    fetched again: every event ends up stored once and the offsets reach the end."""
+    await ingestion.create_meter("api_calls")
+    auth = ("billstream-api-key", ingestion.key.encode())
+    runner = ingestion.host.app.state.raw_input
+    runner.settings = runner.settings.model_copy(update={"raw_max_records": 10})
+    real_write = runner._write
+    failures = []
+
+    async def failing_once(prepared):
+        if not failures:
+            failures.append(sum(len(p.valid) for p in prepared))
+            await asyncio.sleep(0.5)  # the next poll is prepared meanwhile
+            raise RuntimeError("injected write failure")
+        return await real_write(prepared)
+
+    runner._write = failing_once
+    # 15 records on each of 8 partitions: polls of 10 span partitions, so the poll prepared
+    # behind the failed one holds partitions the failed one did not
+    partitioner, by_partition = DefaultPartitioner(), {}
+    for n in range(1000):
+        by_partition.setdefault(partitioner(f"c{n}".encode(), list(range(8)), list(range(8))),
+                                f"c{n}".encode())
+    assert len(by_partition) == 8
+    await ingestion.produce_raw(*[(by_partition[i % 8], native(f"f-{i}"), [auth])
+                                  for i in range(120)])
+    keys = await accepted_keys(ingestion, 120)
+    assert failures and sorted(keys) == sorted(f"f-{i}" for i in range(120))
+    consumer = AIOKafkaConsumer(bootstrap_servers=ingestion.bootstrap,
+                                group_id=runner.group_id, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(ingestion.raw_topic) or set()
+
+        async def committed() -> int:
+            return sum([(await consumer.committed(TopicPartition(ingestion.raw_topic, p))) or 0
+                        for p in partitions])
+
+        assert await eventually(lambda: _eq(committed, 120), timeout=30)
+    finally:
+        await consumer.stop()
+    async with ingestion.host.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM usage_keys") == 120
+    assert len(await ingestion.accepted_events()) == 120  # logged once each
 
 
 async def _eq(probe, value) -> bool:

@@ -595,3 +595,73 @@ def test_quantities_are_ascii_digits_only(quantity):
 def test_timestamps_are_ascii_and_end_where_they_end(value):
     out = parse({**BASE, "timestamp": value})
     assert isinstance(out, Outcome) and out.param == "timestamp"
+
+
+# ---------------------------------------------------------------- the fast JSON parser
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same types all the way down (1 == Decimal(1) is not enough)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b if not isinstance(a, Decimal) else str(a) == str(b)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.text() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.decimals(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def _encode(value: Any) -> str:
+    return json.dumps(value, default=str, ensure_ascii=False) if not isinstance(
+        value, Decimal) else str(value)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(_json_values)
+def test_loads_is_exactly_the_exact_parser(value):
+    """domain.loads takes orjson's answer only when it is the exact parser's answer: any
+    non-integer number anywhere, any integer beyond 64 bits, is parsed exactly."""
+    text = json.dumps(value, default=lambda d: float(d) if False else _DecimalText(d))
+    text = text.replace('"\\u0000DEC', "").replace('DEC\\u0000"', "")
+    expected = domain.exact_loads(text)
+    assert _same(domain.loads(text.encode()), expected)
+    assert _same(domain.loads(text), expected)
+
+
+class _DecimalText(str):
+    """A Decimal written into JSON as a bare number (json.dumps has no hook for that): the
+    marker quotes are stripped after encoding."""
+
+    def __new__(cls, d: Decimal):
+        return str.__new__(cls, f"\x00DEC{d}DEC\x00")
+
+
+@pytest.mark.parametrize("text", [
+    '{"q": 1.5}', '{"q": [1, {"x": 2.50}]}', '{"q": 1e400}', '{"q": -0.0}',
+    '{"q": 123456789012345678901234567890}', '{"q": NaN}', '{"q": Infinity}',
+    '{"k": "\\ud800"}', '[' * 2000 + ']' * 2000, '{"a": 1, "a": 2}', '{"q": 10}',
+])
+def test_loads_edge_cases_match_the_exact_parser(text):
+    try:
+        expected = domain.exact_loads(text)
+    except (ValueError, RecursionError) as exc:
+        with pytest.raises(type(exc)):
+            domain.loads(text.encode())
+        return
+    assert _same(domain.loads(text.encode()), expected)
+
+
+def test_loads_refuses_what_the_exact_parser_refuses():
+    for bad in (b'{"a": }', b"\xff", b'{"a": 1} x', b""):
+        with pytest.raises(ValueError):
+            domain.loads(bad)
+    assert isinstance(domain.loads(b'{"q": 1.5}')["q"], Decimal)
+    assert type(domain.loads(b'{"q": 15}')["q"]) is int
