@@ -29,10 +29,12 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
-import httpx
 import orjson
+import uvloop
 
 WARMUP_BATCHES = 8
 MAX_RETRIES = 120
@@ -60,7 +62,7 @@ def build_bodies(prefix: str, n_events: int, batch: int, customers: int,
     return bodies
 
 
-def check_answer(response: httpx.Response, expect: str, n: int,
+def check_answer(response: Answer, expect: str, n: int,
                  resent: bool = False) -> str | None:
     """None when the answer is 200 and every one of the `n` events has status `expect` (or
     `duplicate`, when the body was resent after a lost attempt that may have been taken)."""
@@ -87,24 +89,98 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[index]
 
 
+@dataclass(slots=True)
+class Answer:
+    status_code: int
+    headers: dict[str, str]
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+
+class TransportError(Exception):
+    """The connection failed or closed under a request."""
+
+
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive client for one kind of request (POST with a JSON body):
+    httpx spent more CPU than the service's own HTTP layer, on a machine the service shares
+    with its load (see bench/README.md). One connection per concurrent request, reopened
+    after a failure; answers read by Content-Length (or chunked)."""
+
+    def __init__(self, url: str, headers: dict[str, str], connections: int) -> None:
+        parsed = urlsplit(url)
+        self.host, self.port = parsed.hostname, parsed.port or 80
+        self.head = "".join(f"{k}: {v}\r\n" for k, v in {
+            "Host": f"{self.host}:{self.port}", **headers}.items()).encode()
+        # (reader, writer, last used): a connection idle for 2 s is closed rather than reused,
+        # before the server's keep-alive timeout (5 s) could close it under a request
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+        self.connections = connections
+
+    async def post(self, path: str, content: bytes) -> Answer:
+        conn = None
+        while self.idle and conn is None:
+            reader, writer, used = self.idle.pop()
+            if time.monotonic() - used < 2.0:
+                conn = (reader, writer)
+            else:
+                writer.close()
+        try:
+            if conn is None:
+                conn = await asyncio.open_connection(self.host, self.port)
+            reader, writer = conn
+            writer.write(b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n"
+                         % (path.encode(), self.head, len(content)))
+            writer.write(content)
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ", 2)[1])
+            headers = {}
+            for line in lines[1:]:
+                if line:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+            if headers.get("transfer-encoding", "").lower() == "chunked":
+                body = bytearray()
+                while True:
+                    size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                    if size == 0:
+                        await reader.readuntil(b"\r\n")
+                        break
+                    body += await reader.readexactly(size + 2)
+                    del body[-2:]
+                content_out = bytes(body)
+            else:
+                content_out = await reader.readexactly(int(headers.get("content-length", "0")))
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ValueError, IndexError) as exc:
+            if conn is not None:
+                conn[1].close()
+            raise TransportError(repr(exc)) from exc
+        if headers.get("connection", "").lower() == "close":
+            writer.close()
+        else:
+            self.idle.append((reader, writer, time.monotonic()))
+        return Answer(status, headers, content_out)
+
+    async def aclose(self) -> None:
+        for _, writer, _ in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
 class Generator:
     def __init__(self, config: dict) -> None:
         self.config = config
         self.batch = config["batch"]
         self.bodies: list[bytes] = []
         self.reset_counters()
-        self.client = httpx.AsyncClient(
-            base_url=config["url"],
-            headers={"Authorization": f"Bearer {config['key']}",
-                     "Content-Type": "application/json"},
-            timeout=httpx.Timeout(300.0),
-            # idle connections are dropped before the server's keep-alive timeout (5 s)
-            # could close one under a request being sent
-            limits=httpx.Limits(max_connections=config["connections"],
-                                max_keepalive_connections=config["connections"],
-                                keepalive_expiry=2.0),
-            trust_env=False,
-        )
+        self.client = RawClient(config["url"], {
+            "Authorization": f"Bearer {config['key']}", "Content-Type": "application/json"},
+            config["connections"])
 
     def events_in(self, index: int) -> int:
         return min(self.batch, self.config["events"] - index * self.batch)
@@ -127,7 +203,7 @@ class Generator:
                 "body_bytes": sum(map(len, self.bodies)), "prepare_s": round(prep_s, 2),
                 "warmup_events": WARMUP_BATCHES * self.batch}
 
-    async def post(self, index: int) -> tuple[httpx.Response | None, bool, str | None]:
+    async def post(self, index: int) -> tuple[Answer | None, bool, str | None]:
         """POST body `index` -> (answer, resent after a transport error, error).
 
         A 503/429 (backpressure) is retried after its Retry-After, as a well-behaved client
@@ -138,7 +214,7 @@ class Generator:
             try:
                 response = await self.client.post("/v1/usage/events",
                                                   content=self.bodies[index])
-            except httpx.TransportError as exc:
+            except TransportError as exc:
                 self.transport_retries += 1
                 self.last_transport_error = repr(exc)
                 resent = True
@@ -261,4 +337,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    uvloop.run(main())

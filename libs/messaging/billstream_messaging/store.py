@@ -28,6 +28,32 @@ _COLUMNS = (
     "trace_context", "data", "envelope",
 )
 _COPY_THRESHOLD = 64
+#: The append of fewer than _COPY_THRESHOLD events: the head moves and the rows go in, in one
+#: statement; returns the first sequence. The envelope is '{"sequence":<seq>,' + the tail
+#: encoded in Python (exactly the bytes the COPY path writes).
+_APPEND_ONE_STATEMENT = """
+WITH head AS (
+    UPDATE event_log_head SET last_seq = last_seq + $1 WHERE id = 1
+    RETURNING last_seq - $1 AS base
+), rows AS (
+    SELECT * FROM unnest($4::text[], $5::text[], $6::text[], $7::int[], $8::text[],
+                         $9::text[], $10::text[], $11::text[], $12::timestamptz[],
+                         $13::text[], $14::text[], $15::text[], $16::bytea[])
+           WITH ORDINALITY AS r(id, topic, type, version, tenant_id, environment,
+                                aggregate_type, aggregate_id, occurred_at, correlation_id,
+                                causation_id, data, tail, n)
+), inserted AS (
+    INSERT INTO event_log (seq, id, topic, type, version, tenant_id, environment,
+                           aggregate_type, aggregate_id, occurred_at, recorded_at,
+                           correlation_id, causation_id, trace_context, data, envelope)
+    SELECT head.base + rows.n, rows.id, rows.topic, rows.type, rows.version, rows.tenant_id,
+           rows.environment, rows.aggregate_type, rows.aggregate_id, rows.occurred_at, $2,
+           rows.correlation_id, rows.causation_id, $3::jsonb, rows.data::jsonb,
+           convert_to('{"sequence":' || (head.base + rows.n) || ',', 'UTF8') || rows.tail
+      FROM head, rows
+)
+SELECT base + 1 FROM head
+"""
 
 
 @dataclass(slots=True)
@@ -113,19 +139,39 @@ class EventStore:
             if type(data) is orjson.Fragment and (keep_data or returning):
                 data = orjson.loads(data.contents)
             prepared.append((ev, etype, version, data, correlation, causation, tail))
-        last = await conn.fetchval(
-            "UPDATE event_log_head SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq",
-            n,
-        )
-        first = last - n + 1
-        rows = [
-            (first + offset, ev.id, ev.topic or self.topic, etype, version, ev.tenant_id,
-             ev.environment, ev.aggregate_type, ev.aggregate_id, ev.occurred_at, recorded_at,
-             correlation, causation, carrier, data if keep_data else None,
-             b'{"sequence":%d,' % (first + offset) + tail)
-            for offset, (ev, etype, version, data, correlation, causation, tail)
-            in enumerate(prepared)
-        ]
+        # NOTIFY is delivered at commit wherever it is sent: sent now, it is one round trip
+        # less under the head lock.
+        await conn.execute("SELECT pg_notify($1, '')", self.channel)
+        if n < _COPY_THRESHOLD:
+            # One statement takes the head lock and inserts every row (sequence numbers and
+            # envelopes made in SQL): the lock is held for it and the COMMIT only, not for
+            # round trips the event loop may be slow to make while busy with other work.
+            columns = list(zip(*[
+                (ev.id, ev.topic or self.topic, etype, version, ev.tenant_id, ev.environment,
+                 ev.aggregate_type, ev.aggregate_id, ev.occurred_at, correlation, causation,
+                 data if keep_data else None, tail)
+                for ev, etype, version, data, correlation, causation, tail in prepared
+            ]))
+            first = await conn.fetchval(
+                _APPEND_ONE_STATEMENT, n, recorded_at, carrier, *columns[:11],
+                [orjson.dumps(d).decode() if d is not None else None for d in columns[11]],
+                columns[12],
+            )
+        else:
+            last = await conn.fetchval(
+                "UPDATE event_log_head SET last_seq = last_seq + $1 WHERE id = 1"
+                " RETURNING last_seq", n,
+            )
+            first = last - n + 1
+            rows = [
+                (first + offset, ev.id, ev.topic or self.topic, etype, version, ev.tenant_id,
+                 ev.environment, ev.aggregate_type, ev.aggregate_id, ev.occurred_at,
+                 recorded_at, correlation, causation, carrier, data if keep_data else None,
+                 b'{"sequence":%d,' % (first + offset) + tail)
+                for offset, (ev, etype, version, data, correlation, causation, tail)
+                in enumerate(prepared)
+            ]
+            await conn.copy_records_to_table("event_log", records=rows, columns=_COLUMNS)
         envelopes = [
             Envelope(
                 id=ev.id, type=etype, version=version, tenant_id=ev.tenant_id,
@@ -137,14 +183,5 @@ class EventStore:
             for offset, (ev, etype, version, data, correlation, causation, _tail)
             in enumerate(prepared)
         ] if returning else []
-        if n >= _COPY_THRESHOLD:
-            await conn.copy_records_to_table("event_log", records=rows, columns=_COLUMNS)
-        else:
-            await conn.executemany(
-                f"INSERT INTO event_log ({', '.join(_COLUMNS)}) VALUES "
-                f"({', '.join(f'${i}' for i in range(1, len(_COLUMNS) + 1))})",
-                rows,
-            )
-        await conn.execute("SELECT pg_notify($1, '')", self.channel)
         return envelopes
 

@@ -27,10 +27,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from operator import attrgetter
 from typing import Any, Literal
 
 import orjson
@@ -105,6 +107,9 @@ class Outcome:
     param: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        if self.code is None and self.usage_id is not None:  # accepted, duplicate
+            return {"index": self.index, "idempotency_key": self.idempotency_key,
+                    "status": self.status, "usage_id": self.usage_id}
         out: dict[str, Any] = {"index": self.index, "idempotency_key": self.idempotency_key,
                                "status": self.status}
         if self.usage_id is not None:
@@ -155,7 +160,14 @@ def _has_float(value: Any) -> bool:
         return kind is float
     for item in value:
         kind = type(item)
-        if kind is float or ((kind is dict or kind is list) and _has_float(item)):
+        if kind is float:
+            return True
+        if kind is dict:  # an event: its values inline, recursing only into containers
+            for inner in item.values():
+                kind = type(inner)
+                if kind is float or ((kind is dict or kind is list) and _has_float(inner)):
+                    return True
+        elif kind is list and _has_float(item):
             return True
     return False
 
@@ -309,6 +321,10 @@ def parse_quantity(value: Any) -> Decimal:
 def parse_timestamp(value: Any, param: str) -> datetime:
     """An RFC 3339 timestamp with an offset, as an aware UTC datetime (to the microsecond:
     further digits are dropped)."""
+    if type(value) is str:
+        parsed = _TIMESTAMPS.get(value)  # only texts that passed below are in it
+        if parsed is not None:
+            return parsed
     if type(value) is not str or not _RFC3339_RE.match(value):
         raise EventError("invalid_event",
                          f"{param} must be an RFC 3339 timestamp such as "
@@ -427,6 +443,8 @@ def payload_hash(customer: str, meter: str, quantity: Decimal | str,
 
 # ---------------------------------------------------------------- outcomes
 
+_BY_INDEX = attrgetter("index")
+
 
 def first_per_key(events: Iterable[UsageEvent]) -> list[UsageEvent]:
     """The first occurrence of each idempotency key, in request order."""
@@ -452,13 +470,20 @@ def resolve_outcomes(
     """
     out = []
     accepted_keys: set[str] = set()
+    if len(claimed) == len(events):  # one event per key: no repeat inside the batch
+        for ev in events:
+            owner_hash, usage_id, inserted = claimed[ev.idempotency_key]
+            if inserted:  # this very event was claimed
+                out.append(Outcome(ev.index, ev.idempotency_key, "accepted", usage_id))
+            elif ev.payload_hash == owner_hash:
+                out.append(Outcome(ev.index, ev.idempotency_key, "duplicate", usage_id))
+            else:
+                out.append(_conflict(ev))
+        return out
     for ev in events:
         owner_hash, usage_id, inserted = claimed[ev.idempotency_key]
         if ev.payload_hash != owner_hash:
-            out.append(rejected(
-                ev.index, ev.idempotency_key, "idempotency_key_conflict",
-                "This idempotency_key was already used for an event with a different payload",
-                "idempotency_key"))
+            out.append(_conflict(ev))
         elif inserted and ev.idempotency_key not in accepted_keys:
             accepted_keys.add(ev.idempotency_key)
             out.append(Outcome(ev.index, ev.idempotency_key, "accepted", usage_id))
@@ -467,16 +492,21 @@ def resolve_outcomes(
     return out
 
 
+def _conflict(ev: UsageEvent) -> Outcome:
+    return rejected(
+        ev.index, ev.idempotency_key, "idempotency_key_conflict",
+        "This idempotency_key was already used for an event with a different payload",
+        "idempotency_key")
+
+
 def summarize(outcomes: Iterable[Outcome]) -> dict[str, Any]:
     """The response body: counts and one result per event, in request order."""
-    ordered = sorted(outcomes, key=lambda o: o.index)
-    counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
-    for o in ordered:
-        counts[o.status] += 1
+    ordered = sorted(outcomes, key=_BY_INDEX)
+    counts = Counter(o.status for o in ordered)
     return {
         "object": "usage_ingest_result",
-        "accepted": counts["accepted"],
-        "duplicates": counts["duplicate"],
-        "rejected": counts["rejected"],
+        "accepted": counts.get("accepted", 0),
+        "duplicates": counts.get("duplicate", 0),
+        "rejected": counts.get("rejected", 0),
         "results": [o.as_dict() for o in ordered],
     }

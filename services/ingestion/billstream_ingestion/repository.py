@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -33,6 +34,7 @@ class KeyClaim:
 
 _KEY_COLUMNS = ("tenant_id", "environment", "idempotency_key", "payload_hash", "usage_id",
                 "event_id", "customer", "event_time")
+_BY_KEY = attrgetter("idempotency_key")
 #: Below this many keys the single INSERT … ON CONFLICT statement is as fast as COPY.
 _COPY_MIN_KEYS = 32
 
@@ -54,7 +56,7 @@ async def claim_keys(
                     "usage_keys", columns=_KEY_COLUMNS,
                     records=[(tenant_id, environment, c.idempotency_key, c.payload_hash,
                               c.usage_id, c.event_id, c.customer, c.timestamp)
-                             for c in sorted(claims, key=lambda c: c.idempotency_key)],
+                             for c in sorted(claims, key=_BY_KEY)],
                 )
         except asyncpg.UniqueViolationError:
             pass
@@ -72,7 +74,7 @@ async def claim_keys_on_conflict(
     Claims are inserted in key order so that two concurrent batches lock keys in the same
     order (no deadlock); a concurrent insert of the same key waits for the other transaction
     and then sees its row (`ON CONFLICT DO NOTHING`), so a key is accepted once."""
-    ordered = sorted(claims, key=lambda c: c.idempotency_key)
+    ordered = sorted(claims, key=_BY_KEY)
     rows = await conn.fetch(
         """
         WITH input AS (

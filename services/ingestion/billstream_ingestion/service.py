@@ -21,6 +21,7 @@ Order of work for one batch of one tenant and environment:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -39,6 +40,9 @@ from billstream_runtime.http import wait_for
 from billstream_runtime.ids import new_ids
 
 _RETRIES = 3
+#: CPU-bound loops over events let the event loop run every this many events: another
+#: request's transaction may be holding the log head lock, waiting for its next round trip.
+YIELD_EVERY = _YIELD_EVERY = 1_000_000
 _BATCH_TYPE = UsageBatchAccepted.event_type
 _BATCH_VERSION = UsageBatchAccepted.version
 #: A `usage.batch_accepted` holds at most this much usage JSON, well under a Kafka record's
@@ -109,8 +113,11 @@ async def prepare(
     outcomes = prepared.outcomes
     valid: list[UsageEvent] = []
     max_props = settings.max_properties_bytes
-    for index, raw in zip(indices if indices is not None else range(len(raw_events)),
-                          raw_events, strict=True):
+    for n, (index, raw) in enumerate(zip(
+            indices if indices is not None else range(len(raw_events)), raw_events,
+            strict=True), 1):
+        if not n % _YIELD_EVERY:
+            await asyncio.sleep(0)
         parsed = domain.parse_event(index, raw, max_properties_bytes=max_props)
         if type(parsed) is UsageEvent:
             valid.append(parsed)
@@ -137,7 +144,19 @@ async def prepare(
     customers = await _clocks_caught_up(pool, scope, valid, customers, refs, future,
                                         settings.projection_wait_s)
     in_window = []
+    timestamps = prepared.timestamps
+    clocked = {ref for ref, c in customers.items() if c.clock_time is not None}
+    earliest, latest = now - window, now + future
     for ev in valid:
+        # the usual case first: a wall-clock customer and a timestamp inside the window
+        timestamp = ev.timestamp
+        if ev.customer not in clocked:
+            if timestamp is None:
+                timestamp = now
+            if earliest <= timestamp <= latest:
+                timestamps[ev.index] = timestamp
+                in_window.append(ev)
+                continue
         event_now = default_timestamp(customers.get(ev.customer), now)
         timestamp = ev.timestamp or event_now
         error = domain.window_error(timestamp, event_now, window, future)
@@ -145,7 +164,7 @@ async def prepare(
             outcomes.append(domain.rejected(ev.index, ev.idempotency_key, error.code,
                                             error.message, error.param))
             continue
-        prepared.timestamps[ev.index] = timestamp
+        timestamps[ev.index] = timestamp
         in_window.append(ev)
     prepared.valid = in_window
     prepared.customers = customers

@@ -154,6 +154,37 @@ async def test_large_appends_use_copy_and_keep_json_exact(host):
     await eventually(lambda: _eq(counted(host), 500), message="500 notes counted")
 
 
+async def test_small_and_large_appends_store_the_same_rows(host):
+    """An append of a few events is one statement (sequence and envelope made in SQL); a large
+    one is a COPY (made in Python). Both store the same columns and the same envelope bytes,
+    which are the Envelope the append returns."""
+    from billstream_contracts import Envelope
+
+    def events(prefix: str, n: int) -> list[NewEvent]:
+        at = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+        return [NewEvent({"note_id": f"{prefix}{i}", "text": "é \u2028 \"q\"", "n": [1, None]},
+                         type="note.created", tenant_id="ten_1", environment="test",
+                         aggregate_type="note", aggregate_id=f"{prefix}{i}", occurred_at=at,
+                         correlation_id="cor_1" if i % 2 else None)
+                for i in range(n)]
+
+    async with host.pool.acquire() as conn, conn.transaction():
+        small = await host.store.append(conn, events("s", 3))
+    async with host.pool.acquire() as conn, conn.transaction():
+        large = await host.store.append(conn, events("l", 70))
+    assert [e.sequence for e in small + large] == list(range(1, 74))
+    rows = await host.pool.fetch("SELECT * FROM event_log ORDER BY seq")
+    for row, returned in zip(rows, small + large, strict=True):
+        assert row["envelope"].startswith(b'{"sequence":%d,' % row["seq"])
+        stored = Envelope.model_validate_json(row["envelope"])
+        assert stored == returned
+        assert (row["id"], row["type"], row["version"], row["aggregate_id"]) == (
+            returned.id, "note.created", 1, returned.aggregate_id)
+        assert row["data"] == returned.data and row["occurred_at"] == returned.occurred_at
+        assert row["correlation_id"] == returned.correlation_id
+    assert {r["recorded_at"] for r in rows[:3]} == {small[0].recorded_at}
+
+
 async def test_unknown_types_are_counted_and_skipped_and_poison_goes_to_dlq(host):
     consumer = host.consumers[0]
     async with host.pool.acquire() as conn, conn.transaction():
