@@ -149,6 +149,17 @@ class ServiceHost:
         for task in self._running:
             if task.get_name() != "http":
                 task.cancel()
+        # A cancellation can be lost (Python 3.11's wait_for may swallow one that lands as its
+        # inner await completes, and a task may turn it into an exception): cancel again
+        # until every task has ended, rather than wait forever for one.
+        pending = {t for t in self._running if not t.done()}
+        while pending:
+            _done, pending = await asyncio.wait(pending, timeout=5.0)
+            if pending:
+                self.log.warning("tasks_still_running",
+                                 tasks=sorted(t.get_name() for t in pending))
+                for task in pending:
+                    task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
         if self.pool:
             await self.pool.close()
@@ -165,6 +176,9 @@ class ServiceHost:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep background work alive
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise asyncio.CancelledError() from exc  # stopping: never restart
                 self.log.warning("task_failed", task=task.__name__, error=repr(exc))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

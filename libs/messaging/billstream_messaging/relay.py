@@ -65,14 +65,17 @@ def encode_row(source: str, row) -> bytes:
 #: The next rows to publish, lean: the envelope bytes as stored and what the record needs.
 #: At most $2 rows and about $3 stored bytes (a log of usage batches has rows of hundreds of
 #: KiB: the relay's memory stays bounded), always at least one row.
+#: (The LIMIT is applied before the running sum: a window function over the whole backlog —
+#: the whole log while republishing — would read every row on every round.)
 _SELECT_UNPUBLISHED = """
     SELECT seq, topic, key, type, version, trace_text, envelope FROM (
-        SELECT seq, topic, tenant_id || ':' || aggregate_id AS key, type, version,
-               trace_context::text AS trace_text, envelope,
-               sum(coalesce(pg_column_size(envelope), 0)) OVER (ORDER BY seq)
-                 - coalesce(pg_column_size(envelope), 0) AS before
-          FROM event_log WHERE seq > $1 ORDER BY seq LIMIT $2
-    ) rows WHERE before < $3 ORDER BY seq
+        SELECT *, sum(size) OVER (ORDER BY seq) - size AS before FROM (
+            SELECT seq, topic, tenant_id || ':' || aggregate_id AS key, type, version,
+                   trace_context::text AS trace_text, envelope,
+                   coalesce(pg_column_size(envelope), 0) AS size
+              FROM event_log WHERE seq > $1 ORDER BY seq LIMIT $2
+        ) limited
+    ) bounded WHERE before < $3 ORDER BY seq
 """
 #: Rows appended before envelopes were stored: encoded by the relay (encode_row).
 _SELECT_LEGACY = "SELECT * FROM event_log WHERE seq = ANY($1::bigint[])"

@@ -54,11 +54,13 @@ class Admission:
         if now - self._lag_at > _LAG_TTL_S:
             # new events only: a republish of the whole log (the broker lost its data) is
             # old events, and must not shut intake off until it is done
+            # at most the first 250,000 waiting rows are summed: more than enough to tell
+            # whether the backlog is over any sensible limit, and a bounded read
             self._lag = await self._pool().fetchval(
-                "SELECT coalesce(sum(coalesce(pg_column_size(envelope),"
-                " pg_column_size(data), 0)), 0) FROM event_log"
+                "SELECT coalesce(sum(size), 0) FROM (SELECT coalesce(pg_column_size(envelope),"
+                " pg_column_size(data), 0) AS size FROM event_log"
                 " WHERE seq > (SELECT greatest(published_seq, republish_head) FROM relay_state"
-                " WHERE id = 1)")
+                " WHERE id = 1) ORDER BY seq LIMIT 250000) waiting")
             self._lag_at = now
         return self._lag
 

@@ -334,9 +334,12 @@ class Staged:
 
 
 def _rewind(consumer: AIOKafkaConsumer, polled: dict) -> None:
-    """Fetch these partitions again from the poll's first records."""
+    """Fetch these partitions again from the poll's first records (those still assigned: a
+    partition a rebalance took is read by its new owner from the last committed offset)."""
+    assigned = consumer.assignment()
     for tp, recs in polled.items():
-        consumer.seek(tp, recs[0].offset)
+        if tp in assigned:
+            consumer.seek(tp, recs[0].offset)
 
 
 def _key_of(raw) -> str | None:

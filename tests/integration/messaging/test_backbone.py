@@ -3,6 +3,7 @@ append, relay, exactly-once consumption, dead letters, idempotent POSTs, tracing
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
@@ -185,6 +186,32 @@ async def test_small_and_large_appends_store_the_same_rows(host):
     assert {r["recorded_at"] for r in rows[:3]} == {small[0].recorded_at}
 
 
+async def test_a_relay_round_reads_a_bounded_number_of_bytes(host):
+    """The relay's query stops at `relay_batch_bytes` of stored envelopes (a usage batch row is
+    hundreds of KiB), always returning at least one row, and never more than the row limit."""
+    import os
+
+    from billstream_messaging.relay import _SELECT_UNPUBLISHED
+
+    await host.relay.stop()
+    events = [NewEvent({"note_id": f"b{i}", "text": os.urandom(6000).hex()},
+                       type="note.created", tenant_id="ten_1", environment="test",
+                       aggregate_type="note", aggregate_id=f"b{i}",
+                       occurred_at=datetime.now(UTC)) for i in range(10)]
+    async with host.pool.acquire() as conn, conn.transaction():
+        await host.store.append(conn, events)
+    sizes = [r["size"] for r in await host.pool.fetch(
+        "SELECT pg_column_size(envelope) AS size FROM event_log ORDER BY seq")]
+    assert all(size > 5000 for size in sizes)
+    limit = sizes[0] + sizes[1] + sizes[2] // 2  # the third row starts under it
+    rows = await host.pool.fetch(_SELECT_UNPUBLISHED, 0, 1000, limit)
+    assert [r["seq"] for r in rows] == [1, 2, 3]
+    assert [r["seq"] for r in await host.pool.fetch(_SELECT_UNPUBLISHED, 0, 1000, 1)] == [1]
+    assert len(await host.pool.fetch(_SELECT_UNPUBLISHED, 0, 4, 10**9)) == 4
+    assert [r["seq"] for r in await host.pool.fetch(_SELECT_UNPUBLISHED, 8, 1000, 10**9)] == [
+        9, 10]
+
+
 async def test_unknown_types_are_counted_and_skipped_and_poison_goes_to_dlq(host):
     consumer = host.consumers[0]
     async with host.pool.acquire() as conn, conn.transaction():
@@ -362,3 +389,34 @@ async def test_rebuild_by_replay(fresh_database, kafka_bootstrap):
 
 async def _eq(awaitable, expected):
     return (await awaitable) == expected
+
+
+async def test_stop_ends_tasks_that_lost_a_cancellation(fresh_database, kafka_bootstrap):
+    """A background task that swallows its cancellation once (as Python 3.11's wait_for can
+    when a cancellation lands just as its inner await completes) must not hang the stop; nor
+    may a task whose cancellation surfaced as an exception be restarted."""
+    h = build_host(fresh_database, kafka_bootstrap, unique("notes"), unique("g"))
+    restarts = []
+
+    async def converts_its_cancellation(host):
+        restarts.append(1)
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise RuntimeError("cancelled, reported as a failure") from None
+
+    h.tasks.append(converts_its_cancellation)
+    await h.start(serve_http=False)
+
+    async def stubborn():
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass  # lost once
+        await asyncio.sleep(3600)
+
+    h._running.append(asyncio.create_task(stubborn(), name="stubborn"))
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(h.stop(), timeout=60)
+    assert all(t.done() for t in h._running)
+    assert restarts == [1]
