@@ -813,6 +813,9 @@ class Bench:
                                      interval=0.1, grace=KAFKA_INPUT_GRACE_S)
         except BenchFailure:
             await cpu.stop()
+            tail = ing.log_path.read_text(errors="replace").splitlines()[-15:]
+            print("bench: ingestion: the Kafka input took nothing; ingestion's log ends:\n  "
+                  + "\n  ".join(tail), flush=True)
             rejected = await _topic_size(self.ctx.kafka_bootstrap, USAGE_REJECTED) - rejected0
             return {"status": f"not available: services/ingestion mentions {USAGE_RAW} but "
                               f"none of {KAFKA_EVENTS:,} preloaded events became durable within "

@@ -31,7 +31,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+)
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from billstream_contracts.topics import USAGE_REJECTED
@@ -70,7 +75,6 @@ class RawInput:
     async def run(self) -> None:
         settings = self.settings
         consumer = AIOKafkaConsumer(
-            settings.raw_topic,
             bootstrap_servers=settings.kafka_bootstrap,
             group_id=self.group_id,
             client_id="billstream-ingestion-raw",
@@ -88,6 +92,7 @@ class RawInput:
             max_batch_size=512 * 1024, enable_idempotence=False,
             client_id="billstream-ingestion-rejected",
         )
+        consumer.subscribe([settings.raw_topic], listener=_LogRebalance())
         inflight: _Inflight | None = None
         try:
             await producer.start()
@@ -311,6 +316,16 @@ class RawInput:
             if isinstance(result.get(key), ApiError):
                 self._refused_keys[key] = (until, result[key])  # type: ignore[assignment]
         return result
+
+
+class _LogRebalance(ConsumerRebalanceListener):
+    """Partition assignments in the log: a group that takes long to settle shows there."""
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        log.info("raw_input_revoked", partitions=sorted(tp.partition for tp in revoked))
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        log.info("raw_input_assigned", partitions=sorted(tp.partition for tp in assigned))
 
 
 @dataclass(slots=True)
