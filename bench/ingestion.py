@@ -170,6 +170,9 @@ class Platform:
             # own consumer groups, so a reused external broker's offsets do not matter
             "BILLSTREAM_CONSUMER_GROUP_PREFIX": f"bench{self.stamp}",
             **(EMBEDDED_BROKER_ENV if embedded_broker else {}),
+            # ingestion logs little at INFO (no per-request lines): its Kafka input's partition
+            # assignments and the relay's leadership, shown if the input takes nothing
+            **({prefix + "LOG_LEVEL": "INFO"} if service == "ingestion" else {}),
             prefix + "DATABASE_URL": database_url,
             prefix + "HTTP_HOST": LOOPBACK,
             prefix + "HTTP_PORT": str(port),
