@@ -195,19 +195,6 @@ class UsageAccepted(EventData):
     properties: dict[str, object] = {}
 
 
-class AcceptedUsage(_Part):
-    """One accepted usage event inside a `usage.batch_accepted` (the fields of UsageAccepted)."""
-
-    usage_id: str
-    idempotency_key: str
-    customer: str  # as the producer sent it: an external_id or a `cus_` id
-    customer_id: str | None = None  # resolved `cus_` id when the customer was known
-    meter: str
-    quantity: str  # decimal string
-    timestamp: datetime
-    properties: dict[str, object] = {}
-
-
 @register
 class UsageBatchAccepted(EventData):
     """The usage events one ingest transaction accepted for one tenant and environment, on
@@ -219,7 +206,7 @@ class UsageBatchAccepted(EventData):
 
     event_type = "usage.batch_accepted"
     public = False
-    usages: list[AcceptedUsage]
+    usages: list[UsageAccepted]  # each exactly what a `usage.accepted` carries
 
 
 @register

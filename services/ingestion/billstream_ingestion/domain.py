@@ -107,9 +107,6 @@ class Outcome:
     param: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        if self.code is None and self.usage_id is not None:  # accepted, duplicate
-            return {"index": self.index, "idempotency_key": self.idempotency_key,
-                    "status": self.status, "usage_id": self.usage_id}
         out: dict[str, Any] = {"index": self.index, "idempotency_key": self.idempotency_key,
                                "status": self.status}
         if self.usage_id is not None:
@@ -330,17 +327,14 @@ def parse_timestamp(value: Any, param: str) -> datetime:
                          f"{param} must be an RFC 3339 timestamp such as "
                          "2026-01-31T12:00:00Z", param)
     try:
-        parsed = _TIMESTAMPS.get(value)
-        if parsed is None:
-            parsed = datetime.fromisoformat(value.replace("t", "T").replace("z", "Z"))
-            parsed = parsed.astimezone(UTC) if parsed.utcoffset() else parsed.replace(
-                tzinfo=UTC)
-            if len(_TIMESTAMPS) > 4096:
-                _TIMESTAMPS.clear()
-            _TIMESTAMPS[value] = parsed
-        return parsed
+        parsed = datetime.fromisoformat(value.replace("t", "T").replace("z", "Z"))
+        parsed = parsed.astimezone(UTC) if parsed.utcoffset() else parsed.replace(tzinfo=UTC)
     except (ValueError, OverflowError) as exc:
         raise EventError("invalid_event", f"{param}: {exc}", param) from exc
+    if len(_TIMESTAMPS) > 4096:
+        _TIMESTAMPS.clear()
+    _TIMESTAMPS[value] = parsed
+    return parsed
 
 
 #: Producers send many events with the same timestamp text (a batch of one second's calls):
@@ -470,16 +464,6 @@ def resolve_outcomes(
     """
     out = []
     accepted_keys: set[str] = set()
-    if len(claimed) == len(events):  # one event per key: no repeat inside the batch
-        for ev in events:
-            owner_hash, usage_id, inserted = claimed[ev.idempotency_key]
-            if inserted:  # this very event was claimed
-                out.append(Outcome(ev.index, ev.idempotency_key, "accepted", usage_id))
-            elif ev.payload_hash == owner_hash:
-                out.append(Outcome(ev.index, ev.idempotency_key, "duplicate", usage_id))
-            else:
-                out.append(_conflict(ev))
-        return out
     for ev in events:
         owner_hash, usage_id, inserted = claimed[ev.idempotency_key]
         if ev.payload_hash != owner_hash:

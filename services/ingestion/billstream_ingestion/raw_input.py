@@ -184,12 +184,8 @@ class RawInput:
     async def stage(self, records: list[ConsumerRecord]) -> Staged:
         """The read-only half of a poll: decode, authenticate, prepare per tenant."""
         settings = self.settings
-        decoded = []
-        for start in range(0, len(records), service.YIELD_EVERY):
-            if start:  # let the poll being written make its round trips
-                await asyncio.sleep(0)
-            decoded += [raw_records.decode(rec.value, rec.headers, settings.raw_max_record_bytes)
-                        for rec in records[start:start + service.YIELD_EVERY]]
+        decoded = [raw_records.decode(rec.value, rec.headers, settings.raw_max_record_bytes)
+                   for rec in records]
         outcomes: dict[int, Outcome] = {}
         scopes = await self._authenticate({d.api_key for d in decoded if d.error is None})
         groups: dict[service.Scope, tuple[list[int], list]] = {}

@@ -21,7 +21,6 @@ Order of work for one batch of one tenant and environment:
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -40,9 +39,6 @@ from billstream_runtime.http import wait_for
 from billstream_runtime.ids import new_ids
 
 _RETRIES = 3
-#: CPU-bound loops over events let the event loop run every this many events: another
-#: request's transaction may be holding the log head lock, waiting for its next round trip.
-YIELD_EVERY = _YIELD_EVERY = 1_000_000
 _BATCH_TYPE = UsageBatchAccepted.event_type
 _BATCH_VERSION = UsageBatchAccepted.version
 #: A `usage.batch_accepted` holds at most this much usage JSON, well under a Kafka record's
@@ -113,11 +109,8 @@ async def prepare(
     outcomes = prepared.outcomes
     valid: list[UsageEvent] = []
     max_props = settings.max_properties_bytes
-    for n, (index, raw) in enumerate(zip(
-            indices if indices is not None else range(len(raw_events)), raw_events,
-            strict=True), 1):
-        if not n % _YIELD_EVERY:
-            await asyncio.sleep(0)
+    for index, raw in zip(indices if indices is not None else range(len(raw_events)),
+                          raw_events, strict=True):
         parsed = domain.parse_event(index, raw, max_properties_bytes=max_props)
         if type(parsed) is UsageEvent:
             valid.append(parsed)
@@ -145,18 +138,7 @@ async def prepare(
                                         settings.projection_wait_s)
     in_window = []
     timestamps = prepared.timestamps
-    clocked = {ref for ref, c in customers.items() if c.clock_time is not None}
-    earliest, latest = now - window, now + future
     for ev in valid:
-        # the usual case first: a wall-clock customer and a timestamp inside the window
-        timestamp = ev.timestamp
-        if ev.customer not in clocked:
-            if timestamp is None:
-                timestamp = now
-            if earliest <= timestamp <= latest:
-                timestamps[ev.index] = timestamp
-                in_window.append(ev)
-                continue
         event_now = default_timestamp(customers.get(ev.customer), now)
         timestamp = ev.timestamp or event_now
         error = domain.window_error(timestamp, event_now, window, future)
@@ -273,7 +255,7 @@ def default_timestamp(customer: KnownCustomer | None, now: datetime) -> datetime
 
 def _usage_json(ev: UsageEvent, usage_id: str, customer: KnownCustomer | None,
                 timestamp: datetime) -> bytes:
-    """One usage of a `usage.batch_accepted`, as the AcceptedUsage contract's JSON (the hot
+    """One usage of a `usage.batch_accepted`, as the UsageAccepted contract's JSON (the hot
     path skips the model; tests check the two agree)."""
     return orjson.dumps({
         "usage_id": usage_id,

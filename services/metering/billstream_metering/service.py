@@ -12,7 +12,6 @@ import asyncpg
 import structlog
 
 from billstream_contracts.events import (
-    AcceptedUsage,
     CustomerCreated,
     MeterCreated,
     UsageAccepted,
@@ -51,7 +50,7 @@ async def record_usage_batch(conn: asyncpg.Connection, scope: Scope, data: Usage
 
 
 async def record_usage(conn: asyncpg.Connection, scope: Scope,
-                       data: UsageAccepted | AcceptedUsage, source_seq: int | None = None,
+                       data: UsageAccepted, source_seq: int | None = None,
                        meters: dict[str, Meter | None] | None = None) -> None:
     """Keep one accepted usage event (idempotent on usage_id), then apply the corrections of it
     that arrived first (pending). `meters` caches the meters looked up (a known one only)."""

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from billstream_testing.waiting import eventually
-from ingestion_harness import Ingestion
+from ingestion_harness import RAW_PARTITIONS, Ingestion
 
 pytestmark = pytest.mark.integration
 
@@ -132,22 +132,7 @@ async def test_offsets_are_committed_after_the_events_are_durable(ingestion: Ing
     auth = ("billstream-api-key", ingestion.key.encode())
     await ingestion.produce_raw(*[(b"c", native(f"c-{i}"), [auth]) for i in range(50)])
     await accepted_keys(ingestion, 50)
-    runner = ingestion.host.app.state.raw_input
-    consumer = AIOKafkaConsumer(bootstrap_servers=ingestion.bootstrap,
-                                group_id=runner.group_id, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(ingestion.raw_topic) or set()
-
-        async def committed() -> int:
-            total = 0
-            for p in partitions:
-                total += (await consumer.committed(TopicPartition(ingestion.raw_topic, p))) or 0
-            return total
-
-        assert await eventually(lambda: _eq(committed, 50), timeout=30)
-    finally:
-        await consumer.stop()
+    await _offsets_reach(ingestion, 50)
     async with ingestion.host.pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM usage_keys") == 50
 
@@ -160,30 +145,47 @@ async def test_a_failed_write_rewinds_its_poll_and_the_one_prepared_behind_it(
     auth = ("billstream-api-key", ingestion.key.encode())
     runner = ingestion.host.app.state.raw_input
     runner.settings = runner.settings.model_copy(update={"raw_max_records": 10})
-    real_write = runner._write
+    real_write, real_stage = runner._write, runner.stage
     failures = []
+    staged_behind = asyncio.Event()
+
+    async def stage(records):
+        staged = await real_stage(records)
+        if failures:
+            staged_behind.set()
+        return staged
 
     async def failing_once(prepared):
         if not failures:
             failures.append(sum(len(p.valid) for p in prepared))
-            await asyncio.sleep(0.5)  # the next poll is prepared meanwhile
+            # fail only once the next poll has been prepared behind this one
+            await asyncio.wait_for(staged_behind.wait(), timeout=30)
             raise RuntimeError("injected write failure")
         return await real_write(prepared)
 
-    runner._write = failing_once
+    runner._write, runner.stage = failing_once, stage
     # 15 records on each of 8 partitions: polls of 10 span partitions, so the poll prepared
     # behind the failed one holds partitions the failed one did not
-    partitioner, by_partition = DefaultPartitioner(), {}
+    partitioner, by_partition, all_ = DefaultPartitioner(), {}, list(range(RAW_PARTITIONS))
     for n in range(1000):
-        by_partition.setdefault(partitioner(f"c{n}".encode(), list(range(8)), list(range(8))),
-                                f"c{n}".encode())
-    assert len(by_partition) == 8
-    await ingestion.produce_raw(*[(by_partition[i % 8], native(f"f-{i}"), [auth])
+        by_partition.setdefault(partitioner(f"c{n}".encode(), all_, all_), f"c{n}".encode())
+    assert len(by_partition) == RAW_PARTITIONS
+    await ingestion.produce_raw(*[(by_partition[i % RAW_PARTITIONS], native(f"f-{i}"), [auth])
                                   for i in range(120)])
     keys = await accepted_keys(ingestion, 120)
-    assert failures and sorted(keys) == sorted(f"f-{i}" for i in range(120))
+    assert failures and staged_behind.is_set()
+    assert sorted(keys) == sorted(f"f-{i}" for i in range(120))
+    await _offsets_reach(ingestion, 120)
+    async with ingestion.host.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM usage_keys") == 120
+    assert len(await ingestion.accepted_events()) == 120  # logged once each
+
+
+async def _offsets_reach(ingestion: Ingestion, n: int) -> None:
+    """Until the Kafka input's group has committed `n` offsets in all of its topic."""
     consumer = AIOKafkaConsumer(bootstrap_servers=ingestion.bootstrap,
-                                group_id=runner.group_id, enable_auto_commit=False)
+                                group_id=ingestion.host.app.state.raw_input.group_id,
+                                enable_auto_commit=False)
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(ingestion.raw_topic) or set()
@@ -192,12 +194,9 @@ async def test_a_failed_write_rewinds_its_poll_and_the_one_prepared_behind_it(
             return sum([(await consumer.committed(TopicPartition(ingestion.raw_topic, p))) or 0
                         for p in partitions])
 
-        assert await eventually(lambda: _eq(committed, 120), timeout=30)
+        assert await eventually(lambda: _eq(committed, n), timeout=30)
     finally:
         await consumer.stop()
-    async with ingestion.host.pool.acquire() as conn:
-        assert await conn.fetchval("SELECT count(*) FROM usage_keys") == 120
-    assert len(await ingestion.accepted_events()) == 120  # logged once each
 
 
 async def _eq(probe, value) -> bool:

@@ -97,14 +97,14 @@ async def test_usage_batches_count_each_usage_once(metering: Metering):
     """Ingestion logs usage as `usage.batch_accepted`: every usage of a batch is kept once,
     across a redelivered batch and a usage repeated in another batch; a meter's field is read
     per usage; a correction keyed like its batch applies."""
-    from billstream_contracts.events import AcceptedUsage, UsageBatchAccepted
+    from billstream_contracts.events import UsageBatchAccepted
 
     await metering.create_meter("api_calls")
     await metering.create_meter("tokens", field="tokens")
     cus = await metering.create_customer("acme-b")
 
     def batch(usages):
-        data = UsageBatchAccepted(usages=[AcceptedUsage(**u.model_dump()) for u in usages])
+        data = UsageBatchAccepted(usages=list(usages))
         return envelope(data, tenant_id=metering.tenant_id, source=metering.source,
                         aggregate_type="usage_batch", aggregate_id=new_id("evt"),
                         sequence=next(metering.sequence))
