@@ -33,6 +33,9 @@ BATCH = 500
 #: ingestion is killed once at least this many HTTP batches (of TOTAL / BATCH) were
 #: acknowledged
 KILL_AFTER_BATCHES = 4
+#: The Idempotency-Key lease of the stack under test (60 s by default): how long a batch whose
+#: request died with the process waits before its retry may run it again.
+LEASE_S = 3
 CLOCK_TIME = datetime(2026, 1, 31, tzinfo=UTC)
 
 
@@ -136,9 +139,11 @@ async def _stays(api: Api, external_id: str, expected: int) -> None:
 class _Producer:
     """A client that streams its batches and resends a batch until it is answered 200, as a
     real producer would: a connection error, a 5xx (502 from the gateway while ingestion is
-    down) or a 503 (backpressure) is 'not acknowledged'. Each attempt has a fresh request
-    Idempotency-Key (the request key of a request that died with its process stays in use);
-    the events keep theirs, which is what deduplicates them."""
+    down) or a 503 (backpressure) is 'not acknowledged'. Every attempt of a batch carries the
+    batch's one Idempotency-Key, as a careful client sends it: a request that died with the
+    process holds its key until the lease (LEASE_S here) runs out, and the retry is told when
+    to come back (409 + Retry-After), then runs the batch again. The events keep their own
+    keys, which is what deduplicates them."""
 
     def __init__(self, http: httpx.AsyncClient, acked: dict[str, tuple[str, str]],
                  batches_acked: list[int], failures: Counter) -> None:
@@ -163,11 +168,12 @@ class _Producer:
             self.batches_acked[0] += 1
 
     async def _until_acknowledged(self, batch: list[dict]) -> dict:
+        request_key = uuid.uuid4().hex
         while True:
             try:
                 response = await self.http.post(
                     "/v1/usage/events", json={"events": batch},
-                    headers={"Idempotency-Key": uuid.uuid4().hex})
+                    headers={"Idempotency-Key": request_key})
             except httpx.TransportError as exc:
                 self.failures[type(exc).__name__] += 1
                 await asyncio.sleep(0.2)
@@ -178,12 +184,19 @@ class _Producer:
                 self.failures[f"http {response.status_code}"] += 1
                 await asyncio.sleep(0.2)
                 continue
+            if (response.status_code == 409
+                    and response.json()["error"]["code"] == "idempotency_key_in_use"):
+                self.failures["http 409 (key of a dead request)"] += 1
+                retry_after = int(response.headers["retry-after"])
+                assert 1 <= retry_after <= LEASE_S, retry_after
+                await asyncio.sleep(retry_after)
+                continue
             raise AssertionError(f"unexpected answer {response.status_code}: "
                                  f"{response.text[:500]}")
 
 
 async def test_ingestion_killed_mid_http_batches_loses_nothing_acknowledged(tmp_path):
-    stack, dev = start_stack(tmp_path)
+    stack, dev = start_stack(tmp_path, env={"BILLSTREAM_IDEMPOTENCY_LEASE_S": str(LEASE_S)})
     api = Api(stack.base_url, dev["test_secret_key"])
     tenant = dev["tenant_id"]
     try:

@@ -28,7 +28,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from billstream_runtime.auth import AuthContext, admin_token_matches, bearer_token
 from billstream_runtime.errors import ApiError, Forbidden, InvalidRequest, Unauthorized
 from billstream_runtime.ids import new_id
-from billstream_runtime.idempotency import NO_REPLAY_HEADER, IdempotencyMiddleware
+from billstream_runtime.idempotency import (
+    NO_REPLAY_HEADER,
+    IdempotencyMiddleware,
+    rerunnable_routes,
+)
 from billstream_runtime.telemetry import context_from_carrier
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -279,8 +283,10 @@ def create_app(
                 "service": service}
 
     app.include_router(ops)
+    routers = list(routers)
     for router in routers:
-        app.include_router(router)
+        app.include_router(router)  # (no prefix: a route's own path is where it is served)
+    rerunnable = rerunnable_routes(route for router in routers for route in router.routes)
 
     app.add_middleware(
         IdempotencyMiddleware,
@@ -288,6 +294,8 @@ def create_app(
         authenticator=lambda: app.state.authenticator,
         admin_token=lambda: app.state.settings.admin_token,
         error_response=_error_tuple,
+        rerunnable=lambda: rerunnable,
+        lease_s=lambda: app.state.settings.idempotency_lease_s,
     )
     app.add_middleware(RequestContextMiddleware, service=service,
                        metrics=_LazyMetrics(app))

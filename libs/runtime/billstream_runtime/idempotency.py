@@ -9,16 +9,25 @@ Keys are scoped to the tenant and environment of the API key. The key is reserve
 committed row before the handler runs, so a concurrent duplicate sees it. Once the endpoint has
 run, its response is stored and replayed whatever it was, a 5xx included (as Stripe does): the
 endpoint may have committed its effect before failing, so running it again could apply it twice.
-Only refusals that ran nothing (429, 503) release the key. A key whose request died with its
-process stays `in_progress` (409) rather than being taken over: the effect may have committed.
+Only refusals that ran nothing (429, 503) release the key.
+
+A key whose request died with its process (a crash, a kill) stays `in_progress`: its effect
+may have committed, and running an arbitrary endpoint again could apply it twice, so a retry
+is answered 409. Routes whose effect deduplicates itself are marked `@rerunnable` (usage
+ingestion: every event carries its own idempotency key, so running a batch again answers
+`duplicate` for what was taken). On those, a key held longer than `lease_s` (the service's
+`idempotency_lease_s`, far longer than any request takes) is taken over by the retry, which
+runs the endpoint again; before that, the 409 says when to retry (`Retry-After`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, Iterable
 
 import asyncpg
+from starlette.routing import BaseRoute, Match
 
 from billstream_runtime.auth import Authenticator, admin_token_matches, bearer_token
 from billstream_runtime.errors import ApiError, InvalidRequest, Unprocessable, Conflict
@@ -33,6 +42,19 @@ MAX_BODY_BYTES = 10 * 1024 * 1024
 #: answered 409 `idempotent_replay_unavailable` instead of showing the secrets again.
 NO_REPLAY_HEADER = "billstream-no-replay"
 _SKIP_HEADERS = {b"content-length", b"date", b"server", b"request-id"}
+_RERUNNABLE = "__billstream_rerunnable__"
+
+
+def rerunnable(endpoint):
+    """Mark an endpoint whose effect deduplicates itself, so that running the same request
+    again after a crash applies nothing twice: its Idempotency-Key is taken over once the
+    lease of a dead request runs out (see the module docstring)."""
+    setattr(endpoint, _RERUNNABLE, True)
+    return endpoint
+
+
+def rerunnable_routes(routes: Iterable[BaseRoute]) -> list[BaseRoute]:
+    return [r for r in routes if getattr(getattr(r, "endpoint", None), _RERUNNABLE, False)]
 
 
 class IdempotencyMiddleware:
@@ -44,12 +66,16 @@ class IdempotencyMiddleware:
         authenticator: Callable[[], Authenticator],
         admin_token: Callable[[], str],
         error_response: Callable[[ApiError], Awaitable[tuple[int, list, bytes]]],
+        rerunnable: Callable[[], Iterable[BaseRoute]] = tuple,
+        lease_s: Callable[[], float] = lambda: 60.0,
     ) -> None:
         self.app = app
         self._pool = pool
         self._auth = authenticator
         self._admin_token = admin_token
         self._error_response = error_response
+        self._rerunnable = rerunnable
+        self._lease_s = lease_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -93,18 +119,23 @@ class IdempotencyMiddleware:
         pool = self._pool()
         reserved = await pool.fetchval(
             """
-            INSERT INTO idempotency_keys (tenant_id, environment, key, request_hash, status)
-            VALUES ($1, $2, $3, $4, 'in_progress')
+            INSERT INTO idempotency_keys (tenant_id, environment, key, request_hash, status,
+                                          locked_at)
+            VALUES ($1, $2, $3, $4, 'in_progress', now())
             ON CONFLICT (tenant_id, environment, key) DO NOTHING
             RETURNING true
             """,
             tenant, env, key, request_hash,
         )
+        if not reserved and self._is_rerunnable(scope):
+            reserved = await self._take_over(pool, tenant, env, key, request_hash)
         if not reserved:
             row = await pool.fetchrow(
-                "SELECT request_hash, status, response_status, response_headers, response_body"
+                "SELECT request_hash, status, response_status, response_headers, response_body,"
+                " extract(epoch FROM coalesce(locked_at, created_at)"
+                "  + make_interval(secs => $4) - now())::float8 AS lease_left_s"
                 " FROM idempotency_keys WHERE tenant_id=$1 AND environment=$2 AND key=$3",
-                tenant, env, key,
+                tenant, env, key, float(self._lease_s()),
             )
             if row is None:  # released between our insert and select: treat as in use
                 raise Conflict("idempotency_key_in_use", "A request with this key is in progress")
@@ -115,10 +146,7 @@ class IdempotencyMiddleware:
                     param="Idempotency-Key",
                 )
             if row["status"] == "in_progress":
-                raise Conflict(
-                    "idempotency_key_in_use",
-                    "A request with this Idempotency-Key is still in progress; retry later",
-                )
+                raise self._in_use(scope, row)
             if row["response_body"] is None:
                 raise Conflict(
                     "idempotent_replay_unavailable",
@@ -157,6 +185,31 @@ class IdempotencyMiddleware:
             await self._release(pool, tenant, env, key)
             return
         await self._store(pool, tenant, env, key, captured)
+
+    def _is_rerunnable(self, scope) -> bool:
+        return any(route.matches(scope)[0] is Match.FULL for route in self._rerunnable())
+
+    async def _take_over(self, pool, tenant, env, key, request_hash) -> bool:
+        """Take the key of the same request held past the lease (its request died)."""
+        return bool(await pool.fetchval(
+            "UPDATE idempotency_keys SET locked_at = now()"
+            " WHERE tenant_id=$1 AND environment=$2 AND key=$3 AND request_hash=$4"
+            " AND status='in_progress'"
+            " AND coalesce(locked_at, created_at) < now() - make_interval(secs => $5)"
+            " RETURNING true",
+            tenant, env, key, request_hash, float(self._lease_s())))
+
+    def _in_use(self, scope, row) -> ApiError:
+        if not self._is_rerunnable(scope):
+            return Conflict(
+                "idempotency_key_in_use",
+                "A request with this Idempotency-Key is still in progress; retry later")
+        wait = max(1, math.ceil(row["lease_left_s"] or 0))
+        return Conflict(
+            "idempotency_key_in_use",
+            "A request with this Idempotency-Key is still in progress; if it died with its "
+            f"process, a retry after {wait} s runs it again (what it did is not done twice)",
+            headers={"Retry-After": str(wait)})
 
     @staticmethod
     async def _store(pool, tenant, env, key, captured) -> None:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 S = TypeVar("S", bound="ServiceSettings")
 
@@ -50,6 +50,9 @@ class ServiceSettings(BaseModel):
     # after half the session timeout, so the local stack uses 2 s to start in about 1 s.
     consumer_session_timeout_ms: int = 10_000
     consumer_heartbeat_interval_ms: int = 3_000
+    # Idempotency-Key: on routes whose effect deduplicates itself (usage ingestion), a key
+    # whose request has held it this long is taken over by a retry (its request died)
+    idempotency_lease_s: float = Field(60.0, gt=0)
     # read-your-writes: how long an API call waits for a projection to catch up
     projection_wait_s: float = 5.0
 

@@ -25,6 +25,7 @@ from billstream_ingestion.schemas import (
 from billstream_runtime.auth import AuthContext
 from billstream_runtime.errors import ApiError, InvalidRequest
 from billstream_runtime.http import ORJSONResponse, SecretKey
+from billstream_runtime.idempotency import rerunnable
 
 router = APIRouter(tags=["usage"])
 
@@ -35,6 +36,7 @@ router = APIRouter(tags=["usage"])
     openapi_extra=request_body_openapi(),
     summary="Ingest usage events",
 )
+@rerunnable  # each event's own key dedups a rerun (a dead request's Idempotency-Key is retaken)
 async def ingest_usage(request: Request, ctx: AuthContext = SecretKey):
     """Every event gets exactly one outcome (`accepted`, `duplicate` or `rejected` with a
     code); a batch with bad events still accepts the good ones. Accepted events are durable

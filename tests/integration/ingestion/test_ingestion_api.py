@@ -12,6 +12,7 @@ import pytest
 from billstream_contracts.topics import USAGE_ACCEPTED
 from billstream_ingestion.bootstrap import build
 from billstream_testing.events import read_topic
+from billstream_runtime.idempotency import hash_request
 from billstream_testing.fixtures import unique
 from ingestion_harness import Ingestion, ingestion_settings
 
@@ -279,3 +280,54 @@ async def test_unicode_everywhere_and_a_broken_string_alone_is_rejected(ingestio
     data = {e["data"]["idempotency_key"]: e["data"] for e in await ingestion.accepted_events()}
     assert data["ключ-😀"]["customer"] == "顧客-1"
     assert data["ключ-😀"]["properties"] == {"地域": "été", "é": 1}
+
+
+async def test_a_dead_requests_idempotency_key_is_taken_over_after_the_lease(
+        ingestion: Ingestion):
+    """A request killed after committing part of its work leaves its Idempotency-Key
+    `in_progress`. On the usage endpoint a retry with the same key is told when to come back
+    (409 + Retry-After) and, once the lease has run out, runs the batch again: what the dead
+    request took answers `duplicate` (same usage id), the rest is accepted, nothing twice."""
+    await ingestion.create_meter("api_calls")
+    pool = ingestion.host.pool
+    body = orjson.dumps({"events": [ev("dead-1", quantity="3"), ev("dead-2", quantity="4")]})
+    headers = {"content-type": "application/json", "Idempotency-Key": "batch-7"}
+    async with ingestion.client() as c:
+        # what the dead request had committed: its first event
+        taken = (await c.post("/v1/usage/events", json=ev("dead-1", quantity="3"))).json()
+        assert taken["accepted"] == 1
+        await pool.execute(
+            "INSERT INTO idempotency_keys (tenant_id, environment, key, request_hash, status,"
+            " locked_at) VALUES ($1, 'test', 'batch-7', $2, 'in_progress', now())",
+            ingestion.tenant_id, hash_request("POST", "/v1/usage/events", b"", body))
+
+        early = await c.post("/v1/usage/events", content=body, headers=headers)
+        assert early.status_code == 409
+        assert early.json()["error"]["code"] == "idempotency_key_in_use"
+        assert 55 <= int(early.headers["retry-after"]) <= 60  # the 60 s lease, nearly whole
+
+        await pool.execute("UPDATE idempotency_keys SET locked_at = now() - interval '61 s'"
+                           " WHERE key = 'batch-7'")
+        retried = await c.post("/v1/usage/events", content=body, headers=headers)
+        assert retried.status_code == 200, retried.text
+        assert outcomes(retried.json()) == [(0, "duplicate", None), (1, "accepted", None)]
+        assert retried.json()["results"][0]["usage_id"] == taken["results"][0]["usage_id"]
+        assert await pool.fetchval(
+            "SELECT status FROM idempotency_keys WHERE key = 'batch-7'") == "done"
+        replayed = await c.post("/v1/usage/events", content=body, headers=headers)
+        assert replayed.headers["idempotent-replayed"] == "true"
+        assert replayed.json() == retried.json()
+
+        # an endpoint whose effect is not deduplicated by itself keeps the key: 409, always
+        correction = orjson.dumps({"idempotency_key": "dead-2", "action": "void"})
+        await pool.execute(
+            "INSERT INTO idempotency_keys (tenant_id, environment, key, request_hash, status,"
+            " locked_at) VALUES ($1, 'test', 'fix-1', $2, 'in_progress',"
+            " now() - interval '1 hour')",
+            ingestion.tenant_id, hash_request("POST", "/v1/usage/corrections", b"", correction))
+        refused = await c.post("/v1/usage/corrections", content=correction, headers={
+            "content-type": "application/json", "Idempotency-Key": "fix-1"})
+        assert refused.status_code == 409
+        assert "retry-after" not in refused.headers
+    assert sorted(e["data"]["idempotency_key"] for e in await ingestion.accepted_events()) == [
+        "dead-1", "dead-2"]
