@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import os
 import signal
+import shutil
 import socket
+import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from billstream_runtime import db
 from billstream_runtime.auth import Authenticator, project_api_key_event
 from billstream_runtime.http import create_app
 from billstream_runtime.logging import configure_logging
-from billstream_runtime.metrics import Metrics
+from billstream_runtime.metrics import Metrics, enable_multiprocess, process_gone
 from billstream_runtime.settings import ServiceSettings
 from billstream_runtime.telemetry import configure_tracing
 
@@ -306,6 +308,7 @@ def serve_workers(host: ServiceHost) -> int:
         for pid in children:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+            process_gone(pid)
     return code
 
 
@@ -329,6 +332,20 @@ def run_cli(build: Callable[[], ServiceHost], argv: list[str] | None = None) -> 
     rb = sub.add_parser("rebuild", help="drop a read model; it is rebuilt by replay at start")
     rb.add_argument("consumer")
     args = parser.parse_args(argv)
+    metrics_dir = None
+    owner = os.getpid()  # (forked workers end with os._exit: only this process cleans up)
+    if args.command in (None, "serve"):
+        # workers share the port: /metrics of any of them sums them all (see metrics.py)
+        metrics_dir = tempfile.mkdtemp(prefix="billstream-metrics-")
+        enable_multiprocess(metrics_dir)
+    try:
+        _run_command(build, args)
+    finally:
+        if metrics_dir is not None and os.getpid() == owner:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run_command(build: Callable[[], ServiceHost], args: argparse.Namespace) -> None:
     host = build()
     configure_logging(host.name, host.settings.log_level, host.settings.log_json)
     if args.command == "migrate":

@@ -1,8 +1,41 @@
-"""Prometheus metrics shared by every service (each process has its own registry)."""
+"""Prometheus metrics shared by every service.
+
+A service served by several worker processes (`workers`, ingestion's default is 2) shares one
+listening port, so a scrape of `/metrics` reaches whichever worker the kernel picks. Served
+from the command line (`run_cli`), a service therefore runs in Prometheus multiprocess mode:
+every process writes its values to files in one fresh directory, and `/metrics` of any worker
+sums them (counters and histograms add up; gauges say how, e.g. `livemax`). Hosts built
+in-process (tests) keep a plain registry of their own.
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess, values
+
+_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def enable_multiprocess(directory: str) -> None:
+    """Write every metric made from now on under `directory` (empty, and the same for every
+    process of the service: set it before the workers fork)."""
+    os.environ[_DIR_ENV] = directory
+    values.ValueClass = values.get_value_class()
+
+
+def multiprocess_dir() -> str | None:
+    """The directory when metrics are made in multiprocess mode, else None."""
+    if getattr(values.ValueClass, "_multiprocess", False):
+        return os.environ.get(_DIR_ENV)
+    return None
+
+
+def process_gone(pid: int) -> None:
+    """A worker ended: its `live*` gauges no longer count."""
+    if multiprocess_dir():
+        multiprocess.mark_process_dead(pid)
 
 
 class Metrics:
@@ -25,7 +58,8 @@ class Metrics:
         )
         self.relay_lag = Gauge(
             "billstream_relay_lag_events",
-            "Log rows (events; a usage batch is one) not yet published", registry=r
+            "Log rows (events; a usage batch is one) not yet published", registry=r,
+            multiprocess_mode="livemax",  # one worker leads the relay; the others say 0
         )
         self.relay_republishes = Counter(
             "billstream_relay_republish_total", "Times the relay republished its whole log",
@@ -43,4 +77,11 @@ class Metrics:
         self.custom: dict[str, object] = {}
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition text: this process's registry, or every live worker's values summed
+        in multiprocess mode."""
+        directory = multiprocess_dir()
+        if directory is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)
+        return generate_latest(registry)

@@ -80,6 +80,7 @@ def dispatch_metrics(metrics: Metrics) -> DispatchMetrics:
         ),
         in_flight=Gauge(
             "billstream_webhook_attempts_in_flight", "Delivery attempts in flight", registry=r,
+            multiprocess_mode="livesum",  # of every worker
         ),
     )
     metrics.custom["webhook_dispatch"] = made

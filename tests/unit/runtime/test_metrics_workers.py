@@ -1,0 +1,75 @@
+"""/metrics of a service served by several worker processes: whichever worker answers the
+scrape, it reports every worker's counts (Prometheus multiprocess mode, as run_cli sets up).
+
+Each scenario runs in forked processes, as the workers do, so this test process keeps its
+plain registries."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from billstream_runtime import metrics as metrics_module
+from billstream_runtime.metrics import Metrics
+
+
+def _in_child(work) -> None:
+    """Run `work()` in a forked process and wait for it; fail if it failed."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            work()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _sample(text: str, line_start: str) -> float:
+    found = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line.startswith(line_start)]
+    assert len(found) == 1, (line_start, text)
+    return found[0]
+
+
+def test_any_worker_reports_the_requests_of_every_worker(tmp_path: Path):
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    scraped = tmp_path / "scrape.txt"
+
+    def serve() -> None:
+        """The parent: builds the service's metrics, then forks its workers (as serve_workers
+        does after build), each counting its own requests; one answers the scrape."""
+        metrics_module.enable_multiprocess(str(shared))
+        service_metrics = Metrics("ingestion")
+        service_metrics.relay_lag.set(0)
+
+        def worker(requests: int, lag: int, scrape: bool):
+            def run() -> None:
+                for _ in range(requests):
+                    service_metrics.http_requests.labels("POST", "/v1/usage/events", "200").inc()
+                service_metrics.relay_lag.set(lag)
+                if scrape:
+                    scraped.write_bytes(service_metrics.render())
+            return run
+
+        _in_child(worker(3, lag=7, scrape=False))
+        _in_child(worker(5, lag=2, scrape=True))
+
+    _in_child(serve)
+    text = scraped.read_text()
+    assert _sample(text, 'billstream_http_requests_total{method="POST",route="/v1/usage/events"'
+                         ',status="200"}') == 8
+    # the relay's lag is the leading worker's (the largest), not a sum of copies
+    assert _sample(text, "billstream_relay_lag_events") == 7
+
+
+def test_a_host_built_in_process_keeps_its_own_registry():
+    assert metrics_module.multiprocess_dir() is None
+    own = Metrics("ingestion")
+    own.http_requests.labels("GET", "/x", "200").inc(2)
+    assert re.search(rb'billstream_http_requests_total\{[^}]*route="/x"[^}]*\} 2\.0',
+                     own.render())
