@@ -28,6 +28,10 @@ class ServiceSettings(BaseModel):
     # Processes serving this service (pre-forked, sharing the HTTP socket; see
     # billstream_messaging.host.serve_workers). Each is a full replica.
     workers: int = 1
+    # Python's garbage collector in a serving process: a collection per this many new
+    # container objects (Python's default, 700, cost ingestion a quarter of its CPU); what is
+    # alive at start is frozen. 0 keeps Python's defaults. See messaging.host.tune_gc.
+    gc_threshold: int = Field(50_000, ge=0)
     admin_token: str = ""
     log_level: str = "INFO"
     log_json: bool = True
