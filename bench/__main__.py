@@ -84,7 +84,7 @@ def main() -> None:
 
                 pg = EmbeddedPostgres(Path(tmp) / "pgdata")
                 pg.start()
-                server_dsn = pg.dsn()
+                server_dsn = pg.local_dsn()  # the services' way to a local server
             if external_kafka:
                 bootstrap = external_kafka
             else:

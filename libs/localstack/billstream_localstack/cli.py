@@ -102,7 +102,7 @@ def _run_dev(args: argparse.Namespace) -> int:
             root,
             extra={
                 "kafka_bootstrap": stack.kafka_bootstrap,
-                "database_url": stack.server_database_url,
+                "database_url": stack.public_database_url,
             },
         )
         print(_banner(dev, stack.logs_dir, root / DEV_FILE), flush=True)

@@ -137,7 +137,16 @@ class LocalStack:
 
     @property
     def server_database_url(self) -> str:
-        """The PostgreSQL server's DSN, on its maintenance database."""
+        """The PostgreSQL server's DSN, on its maintenance database, as the services use it
+        (the embedded server's unix socket: see EmbeddedPostgres.local_dsn)."""
+        if self._external_database_url:
+            return self._external_database_url
+        assert self.postgres is not None
+        return self.postgres.local_dsn()
+
+    @property
+    def public_database_url(self) -> str:
+        """The same server over TCP, for people and their tools (psql, a GUI)."""
         if self._external_database_url:
             return self._external_database_url
         assert self.postgres is not None

@@ -140,7 +140,27 @@ async def test_adopts_the_healthy_server_an_earlier_run_left_behind(
     assert not psutil.pid_exists(orphan_pid)
 
 
-def test_long_data_dir_path_gets_a_short_socket_dir(
+async def _over_a_unix_socket(dsn: str) -> bool:
+    conn = await asyncpg.connect(dsn)
+    try:  # the server's address is NULL on a unix-socket connection
+        return await conn.fetchval("SELECT inet_server_addr() IS NULL")
+    finally:
+        await conn.close()
+
+
+async def test_local_processes_reach_it_over_its_unix_socket(
+    servers: list[EmbeddedPostgres], tmp_path: Path
+) -> None:
+    server = _server(servers, tmp_path / "pgdata")
+    server.start()
+    server.create_database("billstream_test")
+    assert await _over_a_unix_socket(server.local_dsn("billstream_test"))
+    assert not await _over_a_unix_socket(server.dsn("billstream_test"))  # TCP, for people
+    await _insert(server.local_dsn("billstream_test"), "by socket")
+    assert await _notes(server.dsn("billstream_test")) == ["by socket"]
+
+
+async def test_long_data_dir_path_gets_a_short_socket_dir(
     servers: list[EmbeddedPostgres], tmp_path: Path
 ) -> None:
     deep = tmp_path / ("a-rather-long-directory-name-" * 4) / ".billstream" / "pgdata"
@@ -148,6 +168,7 @@ def test_long_data_dir_path_gets_a_short_socket_dir(
     server = _server(servers, deep)
     server.start()
     assert server.create_database("deep") is True
+    assert await _over_a_unix_socket(server.local_dsn("deep"))
 
 
 def test_start_failure_names_the_cause_with_the_log_tail(

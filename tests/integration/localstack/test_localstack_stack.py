@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import httpx
@@ -80,7 +81,10 @@ def test_each_service_gets_its_environment(stack: LocalStack, http: httpx.Client
         env = http.get(f"{url}/echo").json()["env"]
         prefix = f"BILLSTREAM_{service.upper()}_"
         assert env[prefix + "DATABASE_URL"] == stack.database_url(service)
-        assert stack.database_url(service).endswith(f"/billstream_{service}")
+        parts = urlsplit(stack.database_url(service))
+        assert parts.path == f"/billstream_{service}"
+        if stack.postgres is not None:  # the embedded server: its unix socket
+            assert parse_qs(parts.query)["host"] == [str(stack.postgres._socket_dir())]
         assert env[prefix + "HTTP_HOST"] == "127.0.0.1"
         assert env[prefix + "HTTP_PORT"] == str(stack.service_ports[service])
         assert env["BILLSTREAM_KAFKA_BOOTSTRAP"] == stack.kafka_bootstrap
