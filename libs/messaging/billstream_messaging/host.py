@@ -15,7 +15,6 @@ import os
 import signal
 import shutil
 import socket
-import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -35,7 +34,12 @@ from billstream_runtime import db
 from billstream_runtime.auth import Authenticator, project_api_key_event
 from billstream_runtime.http import create_app
 from billstream_runtime.logging import configure_logging
-from billstream_runtime.metrics import Metrics, enable_multiprocess, process_gone
+from billstream_runtime.metrics import (
+    Metrics,
+    enable_multiprocess,
+    fresh_multiprocess_dir,
+    process_gone,
+)
 from billstream_runtime.settings import ServiceSettings
 from billstream_runtime.telemetry import configure_tracing
 
@@ -354,7 +358,7 @@ def run_cli(build: Callable[[], ServiceHost], argv: list[str] | None = None) -> 
     owner = os.getpid()  # (forked workers end with os._exit: only this process cleans up)
     if args.command in (None, "serve"):
         # workers share the port: /metrics of any of them sums them all (see metrics.py)
-        metrics_dir = tempfile.mkdtemp(prefix="billstream-metrics-")
+        metrics_dir = fresh_multiprocess_dir()
         enable_multiprocess(metrics_dir)
     try:
         _run_command(build, args)

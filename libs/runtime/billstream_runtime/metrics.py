@@ -11,11 +11,39 @@ in-process (tests) keep a plain registry of their own.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess, values
 
 _DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+_DIR_PREFIX = "billstream-metrics-"
+
+
+def fresh_multiprocess_dir() -> str:
+    """A new, empty directory for this service process's metrics, named after its pid. The
+    directories of processes that are gone (killed before they could remove theirs) are
+    removed on the way."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{_DIR_PREFIX}*"):
+        pid = old.name[len(_DIR_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def enable_multiprocess(directory: str) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from billstream_runtime import metrics as metrics_module
@@ -73,3 +75,23 @@ def test_a_host_built_in_process_keeps_its_own_registry():
     own.http_requests.labels("GET", "/x", "200").inc(2)
     assert re.search(rb'billstream_http_requests_total\{[^}]*route="/x"[^}]*\} 2\.0',
                      own.render())
+
+
+def test_a_fresh_directory_clears_those_of_killed_processes(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(metrics_module.tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process has any more (a service killed with SIGKILL, say)
+    stale = tmp_path / f"billstream-metrics-{gone.pid}-abc"
+    stale.mkdir()
+    (stale / "counter_1.db").write_bytes(b"x")
+    running = tmp_path / f"billstream-metrics-{os.getppid()}-def"  # a live process's
+    running.mkdir()
+    other = tmp_path / "billstream-metrics-notes"  # not ours to judge
+    other.mkdir()
+
+    fresh = Path(metrics_module.fresh_multiprocess_dir())
+    assert fresh.parent == tmp_path
+    assert fresh.name.startswith(f"billstream-metrics-{os.getpid()}-")
+    assert list(fresh.iterdir()) == []
+    assert not stale.exists()
+    assert running.exists() and other.exists()
