@@ -188,7 +188,7 @@ class _Producer:
                     and response.json()["error"]["code"] == "idempotency_key_in_use"):
                 self.failures["http 409 (key of a dead request)"] += 1
                 retry_after = int(response.headers["retry-after"])
-                assert 1 <= retry_after <= LEASE_S, retry_after
+                assert 1 <= retry_after <= 2, retry_after  # soon: the holder may be finishing
                 await asyncio.sleep(retry_after)
                 continue
             raise AssertionError(f"unexpected answer {response.status_code}: "

@@ -24,6 +24,7 @@ import psutil
 
 from billstream_localstack._proc import (
     LOOPBACK,
+    StartupError,
     exit_reason,
     free_port,
     kill_group,
@@ -280,12 +281,27 @@ class EmbeddedPostgres:
         socket_dir = Path(tempfile.gettempdir()) / f"billstream-pg-{digest}"
         socket_dir.mkdir(mode=0o700, exist_ok=True)
         self._give_to_user(socket_dir)
+        owners = {os.getuid()}
+        if self._user is not None:
+            owners.add(pwd.getpwnam(self._user).pw_uid)
+        check_private_dir(socket_dir, owners)
         return socket_dir
 
     def _give_to_user(self, path: Path) -> None:
         if self._user is not None:
             entry = pwd.getpwnam(self._user)
             os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def check_private_dir(path: Path, owners: set[int]) -> None:
+    """The services trust whatever answers on the socket in `path` (a predictable name in the
+    shared temp dir): refuse a directory someone else made or can write into."""
+    info = os.lstat(path)
+    if (not stat.S_ISDIR(info.st_mode) or info.st_uid not in owners
+            or info.st_mode & 0o077):
+        raise StartupError(
+            f"{path} is not a private directory of this user (owner uid {info.st_uid}, mode "
+            f"{stat.filemode(info.st_mode)}); remove it, or use a shorter data directory path")
 
 
 def _ensure_system_user() -> str:

@@ -275,18 +275,20 @@ def _run(main: Awaitable[object]):
 
 
 def tune_gc(threshold: int) -> None:
-    """Python's cyclic garbage collector for a serving process. With the default threshold
-    (a collection per 700 new container objects), a batch of 1,000 usage events (several
-    dicts, lists and dataclasses each) triggered dozens of collections and, every few batches,
-    a full one over every object alive: a quarter of ingestion's CPU (bench/README.md). What
-    is alive once the service is built is frozen (never scanned again), and collections run
-    per `threshold` new objects, with full ones ten times rarer than by default. Garbage
-    without cycles is freed by reference counting as always; 0 keeps Python's defaults."""
+    """Python's cyclic garbage collector for a serving process. With the default thresholds
+    (a young collection per 700 new container objects, a full one every 100 young ones), a
+    batch of 1,000 usage events (several dicts, lists and dataclasses each) triggered dozens
+    of collections and a full one over every live object every few batches: a quarter of
+    ingestion's CPU (bench/README.md). What is alive once the service is built is frozen
+    (never scanned again), and a young collection runs per `threshold` new objects, a full
+    one every 200 young ones (every ten million or so allocations: seconds under load), so
+    cyclic garbage does not linger for minutes. Garbage without cycles is freed by reference
+    counting as always; 0 keeps Python's defaults."""
     if threshold <= 0:
         return
     gc.collect()
     gc.freeze()
-    gc.set_threshold(threshold, 20, 100)
+    gc.set_threshold(threshold, 20, 10)
 
 
 def serve_workers(host: ServiceHost) -> int:

@@ -218,6 +218,7 @@ class OutboxRelay:
                 )
         finally:
             self.leading = False
+            self._metrics.relay_lag.set(0)  # the next leader reports it (workers: livemax)
             if heartbeat:
                 heartbeat.cancel()
             if producer:

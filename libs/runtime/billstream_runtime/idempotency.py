@@ -16,14 +16,18 @@ may have committed, and running an arbitrary endpoint again could apply it twice
 is answered 409. Routes whose effect deduplicates itself are marked `@rerunnable` (usage
 ingestion: every event carries its own idempotency key, so running a batch again answers
 `duplicate` for what was taken). On those, a key held longer than `lease_s` (the service's
-`idempotency_lease_s`, far longer than any request takes) is taken over by the retry, which
-runs the endpoint again; before that, the 409 says when to retry (`Retry-After`).
+`idempotency_lease_s`, longer than requests take) is taken over by the retry, which runs the
+endpoint again; before that, the 409 asks to retry in a moment (`Retry-After`, at most 2 s: the
+first request may just be finishing). Each holder of a key has its own lease token, so a
+request that was slow rather than dead, and finishes after a takeover, neither overwrites the
+new holder's answer nor releases its key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 from collections.abc import Awaitable, Callable, Iterable
 
 import asyncpg
@@ -33,6 +37,8 @@ from billstream_runtime.auth import Authenticator, admin_token_matches, bearer_t
 from billstream_runtime.errors import ApiError, InvalidRequest, Unprocessable, Conflict
 
 MAX_KEY_LENGTH = 255
+#: The longest Retry-After of a 409 on a rerunnable route.
+_RETRY_IN_S = 2
 #: Answers that mean the endpoint did not run: the key is released for a retry.
 _NOT_EXECUTED = frozenset({429, 503})
 #: The layer reads the body to hash it; larger bodies are refused before they are buffered.
@@ -117,18 +123,19 @@ class IdempotencyMiddleware:
         )
 
         pool = self._pool()
+        lease = secrets.token_hex(8)  # this request's hold on the key
         reserved = await pool.fetchval(
             """
             INSERT INTO idempotency_keys (tenant_id, environment, key, request_hash, status,
-                                          locked_at)
-            VALUES ($1, $2, $3, $4, 'in_progress', now())
+                                          locked_at, lease_id)
+            VALUES ($1, $2, $3, $4, 'in_progress', now(), $5)
             ON CONFLICT (tenant_id, environment, key) DO NOTHING
             RETURNING true
             """,
-            tenant, env, key, request_hash,
+            tenant, env, key, request_hash, lease,
         )
         if not reserved and self._is_rerunnable(scope):
-            reserved = await self._take_over(pool, tenant, env, key, request_hash)
+            reserved = await self._take_over(pool, tenant, env, key, request_hash, lease)
         if not reserved:
             row = await pool.fetchrow(
                 "SELECT request_hash, status, response_status, response_headers, response_body,"
@@ -179,40 +186,41 @@ class IdempotencyMiddleware:
                     "internal_error", "An internal error occurred; it has been logged",
                     status=500))
                 captured.update(status=status, headers=headers, body=bytearray(error_body))
-            await self._store(pool, tenant, env, key, captured)
+            await self._store(pool, tenant, env, key, lease, captured)
             raise
         if captured["status"] in _NOT_EXECUTED:
-            await self._release(pool, tenant, env, key)
+            await self._release(pool, tenant, env, key, lease)
             return
-        await self._store(pool, tenant, env, key, captured)
+        await self._store(pool, tenant, env, key, lease, captured)
 
     def _is_rerunnable(self, scope) -> bool:
         return any(route.matches(scope)[0] is Match.FULL for route in self._rerunnable())
 
-    async def _take_over(self, pool, tenant, env, key, request_hash) -> bool:
+    async def _take_over(self, pool, tenant, env, key, request_hash, lease) -> bool:
         """Take the key of the same request held past the lease (its request died)."""
         return bool(await pool.fetchval(
-            "UPDATE idempotency_keys SET locked_at = now()"
+            "UPDATE idempotency_keys SET locked_at = now(), lease_id = $6"
             " WHERE tenant_id=$1 AND environment=$2 AND key=$3 AND request_hash=$4"
             " AND status='in_progress'"
             " AND coalesce(locked_at, created_at) < now() - make_interval(secs => $5)"
             " RETURNING true",
-            tenant, env, key, request_hash, float(self._lease_s())))
+            tenant, env, key, request_hash, float(self._lease_s()), lease))
 
     def _in_use(self, scope, row) -> ApiError:
         if not self._is_rerunnable(scope):
             return Conflict(
                 "idempotency_key_in_use",
                 "A request with this Idempotency-Key is still in progress; retry later")
-        wait = max(1, math.ceil(row["lease_left_s"] or 0))
+        left = max(1, math.ceil(row["lease_left_s"] or 0))
         return Conflict(
             "idempotency_key_in_use",
-            "A request with this Idempotency-Key is still in progress; if it died with its "
-            f"process, a retry after {wait} s runs it again (what it did is not done twice)",
-            headers={"Retry-After": str(wait)})
+            "A request with this Idempotency-Key is still in progress; retry in a moment. If "
+            f"it died with its process, a retry in {left} s or later runs it again (what it "
+            "did is not done twice)",
+            headers={"Retry-After": str(min(left, _RETRY_IN_S))})
 
     @staticmethod
-    async def _store(pool, tenant, env, key, captured) -> None:
+    async def _store(pool, tenant, env, key, lease, captured) -> None:
         kept = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in captured["headers"]
@@ -223,16 +231,16 @@ class IdempotencyMiddleware:
         await pool.execute(
             "UPDATE idempotency_keys SET status='done', response_status=$4,"
             " response_headers=$5, response_body=$6"
-            " WHERE tenant_id=$1 AND environment=$2 AND key=$3",
-            tenant, env, key, captured["status"], [] if secret else kept, body_to_keep,
+            " WHERE tenant_id=$1 AND environment=$2 AND key=$3 AND lease_id=$7",
+            tenant, env, key, captured["status"], [] if secret else kept, body_to_keep, lease,
         )
 
     @staticmethod
-    async def _release(pool, tenant, env, key) -> None:
+    async def _release(pool, tenant, env, key, lease) -> None:
         await pool.execute(
             "DELETE FROM idempotency_keys WHERE tenant_id=$1 AND environment=$2 AND key=$3"
-            " AND status='in_progress'",
-            tenant, env, key,
+            " AND status='in_progress' AND lease_id=$4",
+            tenant, env, key, lease,
         )
 
 

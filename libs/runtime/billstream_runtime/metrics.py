@@ -25,25 +25,29 @@ _DIR_PREFIX = "billstream-metrics-"
 
 
 def fresh_multiprocess_dir() -> str:
-    """A new, empty directory for this service process's metrics, named after its pid. The
+    """A new, empty directory for this service process's metrics, named after the process
+    (pid and start time: in a container the pid is the same on every restart). The
     directories of processes that are gone (killed before they could remove theirs) are
     removed on the way."""
-    root = Path(tempfile.gettempdir())
-    for old in root.glob(f"{_DIR_PREFIX}*"):
-        pid = old.name[len(_DIR_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    mine = _process_tag(os.getpid())
+    if mine is None:  # no /proc: nothing to tell the living from the gone by
+        return tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
+    for old in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*"):
+        tag = old.name[len(_DIR_PREFIX):].rsplit("-", 1)[0]
+        pid = tag.split(".", 1)[0]
+        if pid.isdigit() and _process_tag(int(pid)) != tag:
             shutil.rmtree(old, ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
+    return tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{mine}-")
 
 
-def _alive(pid: int) -> bool:
+def _process_tag(pid: int) -> str | None:
+    """`<pid>.<start time in clock ticks since boot>` of a running process, else None."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (command) "
+    return f"{pid}.{fields[19]}"  # field 22, starttime
 
 
 def enable_multiprocess(directory: str) -> None:

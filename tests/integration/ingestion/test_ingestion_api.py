@@ -12,7 +12,7 @@ import pytest
 from billstream_contracts.topics import USAGE_ACCEPTED
 from billstream_ingestion.bootstrap import build
 from billstream_testing.events import read_topic
-from billstream_runtime.idempotency import hash_request
+from billstream_runtime.idempotency import IdempotencyMiddleware, hash_request
 from billstream_testing.fixtures import unique
 from ingestion_harness import Ingestion, ingestion_settings
 
@@ -298,13 +298,15 @@ async def test_a_dead_requests_idempotency_key_is_taken_over_after_the_lease(
         assert taken["accepted"] == 1
         await pool.execute(
             "INSERT INTO idempotency_keys (tenant_id, environment, key, request_hash, status,"
-            " locked_at) VALUES ($1, 'test', 'batch-7', $2, 'in_progress', now())",
+            " locked_at, lease_id) VALUES ($1, 'test', 'batch-7', $2, 'in_progress', now(),"
+            " 'dead-holder')",
             ingestion.tenant_id, hash_request("POST", "/v1/usage/events", b"", body))
 
         early = await c.post("/v1/usage/events", content=body, headers=headers)
         assert early.status_code == 409
         assert early.json()["error"]["code"] == "idempotency_key_in_use"
-        assert 55 <= int(early.headers["retry-after"]) <= 60  # the 60 s lease, nearly whole
+        assert early.headers["retry-after"] == "2"  # soon: the holder may just be finishing
+        assert "retry in 60 s or later runs it again" in early.json()["error"]["message"]
 
         await pool.execute("UPDATE idempotency_keys SET locked_at = now() - interval '61 s'"
                            " WHERE key = 'batch-7'")
@@ -317,6 +319,15 @@ async def test_a_dead_requests_idempotency_key_is_taken_over_after_the_lease(
         replayed = await c.post("/v1/usage/events", content=body, headers=headers)
         assert replayed.headers["idempotent-replayed"] == "true"
         assert replayed.json() == retried.json()
+        # had the first holder been slow rather than dead, its late answer changes nothing
+        await IdempotencyMiddleware._store(pool, ingestion.tenant_id, "test", "batch-7",
+                                           "dead-holder", {"status": 201, "headers": [],
+                                                           "body": b"late"})
+        await IdempotencyMiddleware._release(pool, ingestion.tenant_id, "test", "batch-7",
+                                             "dead-holder")
+        again = await c.post("/v1/usage/events", content=body, headers=headers)
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.json() == retried.json()
 
         # an endpoint whose effect is not deduplicated by itself keeps the key: 409, always
         correction = orjson.dumps({"idempotency_key": "dead-2", "action": "void"})

@@ -185,3 +185,22 @@ def test_start_failure_names_the_cause_with_the_log_tail(
     assert "could not bind" in message or "could not create any TCP/IP sockets" in message
     assert str(tmp_path / "pgdata.log") in message
     assert not server.running
+
+
+def test_a_socket_dir_someone_else_could_control_is_refused(tmp_path: Path) -> None:
+    from billstream_localstack.postgres import check_private_dir
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    check_private_dir(private, {os.getuid()})  # ours and private: fine
+    with pytest.raises(StartupError, match="not a private directory"):
+        check_private_dir(private, {os.getuid() + 4242})  # made by someone else
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    with pytest.raises(StartupError, match="not a private directory"):
+        check_private_dir(open_dir, {os.getuid()})
+    link = tmp_path / "link"
+    link.symlink_to(private)
+    with pytest.raises(StartupError, match="not a private directory"):
+        check_private_dir(link, {os.getuid()})

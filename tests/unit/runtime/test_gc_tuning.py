@@ -34,7 +34,7 @@ def test_serving_freezes_what_is_alive_and_collects_rarely():
         fake = SimpleNamespace(settings=SimpleNamespace(workers=1, gc_threshold=12_345),
                                serve_forever=serve_forever)
         assert host_module.serve_workers(fake) == 0
-        assert ran == [(12_345, 20, 100)]
+        assert ran == [(12_345, 20, 10)]
         assert gc.get_freeze_count() > 1000  # the modules and objects built before serving
 
     _in_child(serve)

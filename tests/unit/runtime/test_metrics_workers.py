@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from billstream_runtime import metrics as metrics_module
 from billstream_runtime.metrics import Metrics
@@ -81,17 +82,60 @@ def test_a_fresh_directory_clears_those_of_killed_processes(tmp_path: Path, monk
     monkeypatch.setattr(metrics_module.tempfile, "tempdir", str(tmp_path))
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid no process has any more (a service killed with SIGKILL, say)
-    stale = tmp_path / f"billstream-metrics-{gone.pid}-abc"
-    stale.mkdir()
-    (stale / "counter_1.db").write_bytes(b"x")
-    running = tmp_path / f"billstream-metrics-{os.getppid()}-def"  # a live process's
-    running.mkdir()
-    other = tmp_path / "billstream-metrics-notes"  # not ours to judge
-    other.mkdir()
+    parent = metrics_module._process_tag(os.getppid())
+    assert parent is not None and parent.startswith(f"{os.getppid()}.")
+    dirs = {
+        "killed": tmp_path / f"billstream-metrics-{gone.pid}.12345-abc",
+        # the same pid started at another time: a container restarted (pid 1 again)
+        "restarted": tmp_path / f"billstream-metrics-{parent.split('.')[0]}.1-ghi",
+        "running": tmp_path / f"billstream-metrics-{parent}-def",
+        "not ours": tmp_path / "billstream-metrics-notes",
+    }
+    for d in dirs.values():
+        d.mkdir()
+        (d / "counter_1.db").write_bytes(b"x")
 
     fresh = Path(metrics_module.fresh_multiprocess_dir())
     assert fresh.parent == tmp_path
-    assert fresh.name.startswith(f"billstream-metrics-{os.getpid()}-")
+    assert fresh.name.startswith(f"billstream-metrics-{os.getpid()}.")
     assert list(fresh.iterdir()) == []
-    assert not stale.exists()
-    assert running.exists() and other.exists()
+    assert {name for name, d in dirs.items() if d.exists()} == {"running", "not ours"}
+
+
+def test_serving_from_the_command_line_makes_every_metric_in_the_shared_directory(
+        tmp_path: Path):
+    """run_cli turns multiprocess mode on before the service is built (so that the metrics
+    made by build() write to the shared directory the workers inherit), and removes the
+    directory when the service stops."""
+    from billstream_messaging.host import run_cli
+
+    seen = tmp_path / "seen.txt"
+
+    def serve() -> None:
+        def build():
+            made = Metrics("ingestion")
+
+            async def serve_forever():
+                made.http_requests.labels("POST", "/v1/usage/events", "200").inc(3)
+                directory = metrics_module.multiprocess_dir()
+                files = sorted(p.name.split("_")[0] for p in Path(directory).iterdir())
+                seen.write_text(f"{directory}\n{' '.join(files)}\n"
+                                + made.render().decode())
+                return 0
+
+            settings = SimpleNamespace(workers=1, gc_threshold=0, log_level="WARNING",
+                                       log_json=True)
+            return SimpleNamespace(name="ingestion", settings=settings,
+                                   serve_forever=serve_forever)
+
+        try:
+            run_cli(build, ["serve"])
+        except SystemExit as stop:
+            assert stop.code == 0
+
+    _in_child(serve)
+    directory, files, text = seen.read_text().split("\n", 2)
+    assert "counter" in files.split()
+    assert not Path(directory).exists()  # removed at the stop
+    assert _sample(text, 'billstream_http_requests_total{method="POST",route="/v1/usage/events"'
+                         ',status="200"}') == 3
