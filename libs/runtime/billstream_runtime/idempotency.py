@@ -72,8 +72,8 @@ class IdempotencyMiddleware:
         authenticator: Callable[[], Authenticator],
         admin_token: Callable[[], str],
         error_response: Callable[[ApiError], Awaitable[tuple[int, list, bytes]]],
-        rerunnable: Callable[[], Iterable[BaseRoute]] = tuple,
-        lease_s: Callable[[], float] = lambda: 60.0,
+        rerunnable: Callable[[], Iterable[BaseRoute]],
+        lease_s: Callable[[], float],
     ) -> None:
         self.app = app
         self._pool = pool

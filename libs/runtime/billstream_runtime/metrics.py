@@ -19,8 +19,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import multiprocess, values
 
 _DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-
 _DIR_PREFIX = "billstream-metrics-"
 
 

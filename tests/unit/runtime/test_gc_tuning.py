@@ -4,23 +4,10 @@ forked processes, so this test process keeps its own settings."""
 from __future__ import annotations
 
 import gc
-import os
 from types import SimpleNamespace
 
 from billstream_messaging import host as host_module
-
-
-def _in_child(work) -> None:
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            work()
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+from billstream_testing.processes import in_forked_child
 
 
 def test_serving_freezes_what_is_alive_and_collects_rarely():
@@ -37,7 +24,7 @@ def test_serving_freezes_what_is_alive_and_collects_rarely():
         assert ran == [(12_345, 20, 10)]
         assert gc.get_freeze_count() > 1000  # the modules and objects built before serving
 
-    _in_child(serve)
+    in_forked_child(serve)
 
 
 def test_zero_keeps_pythons_defaults():
@@ -47,4 +34,4 @@ def test_zero_keeps_pythons_defaults():
         assert gc.get_threshold() == before
         assert gc.get_freeze_count() == 0
 
-    _in_child(serve)
+    in_forked_child(serve)

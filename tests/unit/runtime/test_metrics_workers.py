@@ -15,20 +15,7 @@ from types import SimpleNamespace
 
 from billstream_runtime import metrics as metrics_module
 from billstream_runtime.metrics import Metrics
-
-
-def _in_child(work) -> None:
-    """Run `work()` in a forked process and wait for it; fail if it failed."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            work()
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+from billstream_testing.processes import in_forked_child
 
 
 def _sample(text: str, line_start: str) -> float:
@@ -59,10 +46,10 @@ def test_any_worker_reports_the_requests_of_every_worker(tmp_path: Path):
                     scraped.write_bytes(service_metrics.render())
             return run
 
-        _in_child(worker(3, lag=7, scrape=False))
-        _in_child(worker(5, lag=2, scrape=True))
+        in_forked_child(worker(3, lag=7, scrape=False))
+        in_forked_child(worker(5, lag=2, scrape=True))
 
-    _in_child(serve)
+    in_forked_child(serve)
     text = scraped.read_text()
     assert _sample(text, 'billstream_http_requests_total{method="POST",route="/v1/usage/events"'
                          ',status="200"}') == 8
@@ -133,7 +120,7 @@ def test_serving_from_the_command_line_makes_every_metric_in_the_shared_director
         except SystemExit as stop:
             assert stop.code == 0
 
-    _in_child(serve)
+    in_forked_child(serve)
     directory, files, text = seen.read_text().split("\n", 2)
     assert "counter" in files.split()
     assert not Path(directory).exists()  # removed at the stop
