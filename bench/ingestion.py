@@ -29,7 +29,8 @@ Figures (units in the names):
   has `machine_cores`; `machine_busy_pct` is of all cores together). `other_processes_pct` is
   what the rest of the machine used meanwhile: when it is high the throughput figures are
   low, and `events_per_ingestion_cpu_s` (events per CPU second of the ingestion process) is
-  the figure to compare between runs.
+  the figure to compare between runs. `wal_bytes_per_event`: PostgreSQL's WAL written during
+  the phase (pg_stat_wal, the whole server) per event.
 - `ratios`: throughput over the same run's ceilings (HTTP/Kafka events/s against PostgreSQL
   COPY and unnest-insert rows/s and the broker's produce/consume msgs/s), and against the
   targets (HTTP 50,000 acknowledged events/s, Kafka 100,000 events/s, p99 500 ms at the
@@ -490,6 +491,11 @@ class IngestionDb:
             " FROM event_log WHERE seq > $1 AND type IN ('usage.batch_accepted',"
             " 'usage.accepted')", after_seq)
 
+    async def wal_bytes(self) -> int:
+        """WAL written by the whole server so far (the subscription service's share is
+        nothing next to ingestion's)."""
+        return int(await self.pool.fetchval("SELECT wal_bytes FROM pg_stat_wal"))
+
     async def usage_keys(self) -> int:
         return await self.pool.fetchval(
             "SELECT count(*) FROM usage_keys WHERE tenant_id = $1", self.tenant_id)
@@ -635,6 +641,7 @@ class Bench:
             await self.db.wait_until(lambda h, p: p >= h, "relay catch-up before the run")
             head0, _ = await self.db.positions()
             keys0 = await self.db.usage_keys()
+            wal0 = await self.db.wal_bytes()
             tracker = PositionTracker(self.db)
             tracker.start()
             cpu = self.cpu_meter(gen.pid)
@@ -653,6 +660,7 @@ class Bench:
             finally:
                 await tracker.stop()
             self.windows["http_batches"] = (run["started"], run["ended"])
+            wal1 = await self.db.wal_bytes()
             head1, _ = await self.db.positions()
             keys1 = await self.db.usage_keys()
             logged = await self.db.logged_usages(head0)
@@ -693,6 +701,7 @@ class Bench:
             # far less sensitive to other load on the machine than events/s
             "events_per_ingestion_cpu_s": round(events / cpu.used_s["ingestion"]),
             "events_per_postgres_cpu_s": round(events / cpu.used_s["postgres"]),
+            "wal_bytes_per_event": round((wal1 - wal0) / events),
             "dedup_events_per_s": round(events / dedup_took),
             "dedup_request_p50_ms": round(dedup["p50_s"] * 1000, 1),
             "dedup_request_p99_ms": round(dedup["p99_s"] * 1000, 1),
@@ -799,6 +808,7 @@ class Bench:
         await asyncio.to_thread(self.platform.stop_service, ing)
         head0, _ = await self.db.positions()
         keys0 = await self.db.usage_keys()
+        wal0 = await self.db.wal_bytes()
         rejected0 = await _topic_size(self.ctx.kafka_bootstrap, USAGE_REJECTED)
         preload_s = await preload_raw(self.ctx.kafka_bootstrap, f"k{self.platform.stamp}",
                                       KAFKA_EVENTS, self.tenant["key"])
@@ -847,6 +857,7 @@ class Bench:
         finally:
             await tracker.stop()
         cpu_figures = await cpu.stop()
+        wal1 = await self.db.wal_bytes()
         logged = await self.db.logged_usages(head0)
         if logged != KAFKA_EVENTS or keys != keys0 + KAFKA_EVENTS:
             raise BenchFailure(f"Kafka input of {KAFKA_EVENTS} events logged {logged} usages "
@@ -864,6 +875,7 @@ class Bench:
             "published_events_per_s": round(KAFKA_EVENTS / (t_published - ready)),
             "events_per_ingestion_cpu_s": round(KAFKA_EVENTS / cpu.used_s["ingestion"]),
             "events_per_postgres_cpu_s": round(KAFKA_EVENTS / cpu.used_s["postgres"]),
+            "wal_bytes_per_event": round((wal1 - wal0) / KAFKA_EVENTS),
             "durable_when_ready": keys_at_ready - keys0,
         }, cpu_figures
 

@@ -42,10 +42,18 @@ from billstream_localstack._proc import (
 SYSTEM_USER = "billstream-pg"
 
 #: Server settings for a developer box. fsync stays on: the fault tests check crash safety.
+#: max_wal_size: the default (1GB) checkpoints after about every 1.2 million ingested events
+#: (some 440 bytes of WAL each: the key row, its index entry, the usage JSON), and every
+#: index page the next inserts touch is then written whole into the WAL once more (the
+#: idempotency keys land at random places in their index): key inserts slowed by a fifth
+#: after a checkpoint.
+#: 4GB spaces checkpoints out (checkpoint_timeout, 5 min, still applies); the WAL takes that
+#: much disk only while writes run that fast.
 SERVER_SETTINGS: dict[str, str] = {
     "fsync": "on",
     "max_connections": "300",
     "shared_buffers": "256MB",
+    "max_wal_size": "4GB",
 }
 
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; leave room for ".s.PGSQL.<port>.lock"

@@ -78,6 +78,7 @@ async def test_settings_for_a_dev_box(servers: list[EmbeddedPostgres], tmp_path:
         assert await conn.fetchval("SHOW fsync") == "on"
         assert await conn.fetchval("SHOW max_connections") == "300"
         assert await conn.fetchval("SHOW shared_buffers") == "256MB"
+        assert await conn.fetchval("SHOW max_wal_size") == "4GB"
         assert (
             await conn.fetchval("SELECT current_setting('server_version_num')::int / 10000") == 16
         )
