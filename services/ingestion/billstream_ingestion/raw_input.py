@@ -6,7 +6,8 @@ One poll (up to `raw_max_records` records, any tenants) is handled as a unit, in
 that overlap with the polls before and after (the next poll is decoded and prepared while this
 one is written; writes and offset commits keep the order of the polls):
   1. decode each record (raw_records.decode) and authenticate its API key;
-  2. prepare per tenant and environment (validation, meters, customers, time window);
+  2. prepare per tenant and environment (validation, meters, customers, time window) and
+     encode what the write sends (usage JSON, batch events, key claims);
   3. one PostgreSQL transaction claims the keys and appends the accepted events;
   4. after the commit, a record per rejected or duplicate event is produced to
      `billstream.usage.rejected` and acknowledged by the broker (acks=all);
@@ -217,6 +218,8 @@ class RawInput:
                              if s == scope and at > cutoff)
             batch = await service.prepare(self.host.pool, settings, scope, raws,
                                           indices=indices, known_unknown_meters=skip)
+            if batch.valid:  # the CPU half of the write, while the poll before is written
+                service.encode(batch, settings.accepted_batch_max_bytes)
             if len(self._unknown_meter_at) > 10_000:
                 self._unknown_meter_at.clear()
             raw_at = dict(zip(indices, raws, strict=True))

@@ -12,7 +12,9 @@ Order of work for one batch of one tenant and environment:
        wall clock; a missing timestamp defaults to it;
      - the window: timestamps before `now - dedup_window` or after `now + future_tolerance`
        are rejected (`timestamp_out_of_window`);
-  2. `write` (one transaction, possibly for several prepared batches — the Kafka path writes a
+  2. `encode` (CPU only, before a connection is taken): usage ids, the usage JSON, its split
+     into batch events and the key claims;
+  3. `write` (one transaction, possibly for several prepared batches — the Kafka path writes a
      whole poll at once): claim the first occurrence of every key (COPY, or one statement),
      append the claimed usage as `usage.batch_accepted` events (one log row per tenant batch
      of up to `accepted_batch_max_bytes`), commit. Accepted events are durable before the
@@ -62,6 +64,20 @@ class Prepared:
     valid: list[UsageEvent] = field(default_factory=list)
     customers: dict[str, KnownCustomer] = field(default_factory=dict)
     timestamps: dict[int, datetime] = field(default_factory=dict)  # by event index
+    encoded: Encoded | None = None  # set by `encode`
+
+
+@dataclass(slots=True)
+class Encoded:
+    """What `write` sends for a prepared batch, made before any connection is taken: the
+    first occurrence of each key, its usage JSON, the batch events they are split into
+    (`chunks`: [start, stop) ranges of `firsts`, one per id of `event_ids`), and the claims."""
+
+    firsts: list[UsageEvent]
+    usages: list[bytes]
+    chunks: list[tuple[int, int]]
+    event_ids: list[str]
+    claims: list[KeyClaim]
 
 
 async def ingest(
@@ -78,6 +94,7 @@ async def ingest(
     prepared = await prepare(pool, settings, scope, raw_events, now, indices=indices)
     if not prepared.valid:
         return prepared.outcomes
+    encode(prepared, settings.accepted_batch_max_bytes)  # no connection held meanwhile
     for attempt in range(1, _RETRIES + 1):
         try:
             async with pool.acquire() as conn, conn.transaction():
@@ -153,43 +170,55 @@ async def prepare(
     return prepared
 
 
+def encode(prepared: Prepared, max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> None:
+    """The CPU half of `write`, which needs no database: each first occurrence of a key gets
+    a usage id and its usage JSON, the JSON is split into batch events of at most
+    `max_batch_bytes`, and each key's claim names the batch event that would hold it (its
+    size decides which; corrections find the usage through it). Callers run it before taking
+    a connection (the Kafka input, while the poll before is being written)."""
+    firsts = domain.first_per_key(prepared.valid)
+    usage_ids = new_ids("use", len(firsts))
+    customers = prepared.customers
+    timestamps = prepared.timestamps
+    usages = [
+        _usage_json(ev, usage_id, customers.get(ev.customer), timestamps[ev.index])
+        for ev, usage_id in zip(firsts, usage_ids, strict=True)
+    ]
+    chunks = _chunks(usages, max_batch_bytes)
+    event_ids = new_ids("evt", len(chunks))
+    chunk_of = []  # the event id of each first's batch
+    for event_id, (start, stop) in zip(event_ids, chunks, strict=True):
+        chunk_of += [event_id] * (stop - start)
+    claims = [
+        KeyClaim(ev.idempotency_key, ev.payload_hash, usage_id, event_id, ev.customer,
+                 timestamps[ev.index])
+        for ev, usage_id, event_id in zip(firsts, usage_ids, chunk_of, strict=True)
+    ]
+    prepared.encoded = Encoded(firsts, usages, chunks, event_ids, claims)
+
+
 async def write(conn: asyncpg.Connection, store: EventStore, batches: Sequence[Prepared],
                 *, max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> list[Outcome]:
     """In the caller's transaction: claim the keys of every prepared batch and append the newly
     claimed usage as `usage.batch_accepted` events (one per tenant batch, split so that none
-    holds more than `max_batch_bytes` of JSON). Returns every outcome of every batch.
-
-    Each usage is encoded before its key is claimed (its size decides which batch event it
-    goes in, and the key row records that event's id for corrections); usage whose key turns
-    out to be taken is left out of its batch."""
+    holds more than `max_batch_bytes` of JSON; see `encode`, done here for a batch not
+    encoded yet). Returns every outcome of every batch. Usage whose key turns out to be
+    taken is left out of its batch event."""
     outcomes: list[Outcome] = []
     appended: list[NewEvent] = []
     for prepared in batches:
         outcomes += prepared.outcomes
         if not prepared.valid:
             continue
+        if prepared.encoded is None:
+            encode(prepared, max_batch_bytes)
         scope = prepared.scope
-        firsts = domain.first_per_key(prepared.valid)
-        usage_ids = new_ids("use", len(firsts))
-        customers = prepared.customers
-        timestamps = prepared.timestamps
-        encoded = [
-            _usage_json(ev, usage_id, customers.get(ev.customer), timestamps[ev.index])
-            for ev, usage_id in zip(firsts, usage_ids, strict=True)
-        ]
-        chunks = _chunks(encoded, max_batch_bytes)
-        event_ids = new_ids("evt", len(chunks))
-        chunk_of = []  # the event id of each first's batch
-        for event_id, (start, stop) in zip(event_ids, chunks, strict=True):
-            chunk_of += [event_id] * (stop - start)
-        claims = [
-            KeyClaim(ev.idempotency_key, ev.payload_hash, usage_id, event_id, ev.customer,
-                     timestamps[ev.index])
-            for ev, usage_id, event_id in zip(firsts, usage_ids, chunk_of, strict=True)
-        ]
+        firsts, usages, chunks, event_ids, claims = (
+            prepared.encoded.firsts, prepared.encoded.usages, prepared.encoded.chunks,
+            prepared.encoded.event_ids, prepared.encoded.claims)
         claimed = await repository.claim_keys(conn, scope.tenant_id, scope.environment, claims)
         for event_id, (start, stop) in zip(event_ids, chunks, strict=True):
-            won = [encoded[i] for i in range(start, stop)
+            won = [usages[i] for i in range(start, stop)
                    if claimed[firsts[i].idempotency_key][2]]
             if won:
                 appended.append(_batch_event(scope, event_id, won))

@@ -181,6 +181,34 @@ async def test_a_failed_write_rewinds_its_poll_and_the_one_prepared_behind_it(
     assert len(await ingestion.accepted_events()) == 120  # logged once each
 
 
+async def test_a_poll_is_encoded_while_staged_and_written_as_encoded(ingestion: Ingestion):
+    """The CPU half of a write (usage ids, usage JSON, batch events, key claims) is done when
+    the poll is staged, overlapping the write of the poll before; the write then claims and
+    appends exactly what was staged."""
+    await ingestion.create_meter("api_calls")
+    auth = ("billstream-api-key", ingestion.key.encode())
+    runner = ingestion.host.app.state.raw_input
+    real_stage = runner.stage
+    staged_ids: dict[str, str] = {}
+    unencoded = []
+
+    async def stage(records):
+        staged = await real_stage(records)
+        for prepared in staged.prepared:
+            if prepared.valid and prepared.encoded is None:
+                unencoded.append(prepared)
+            elif prepared.valid:
+                staged_ids.update((c.idempotency_key, c.usage_id)
+                                  for c in prepared.encoded.claims)
+        return staged
+
+    runner.stage = stage
+    await ingestion.produce_raw(*[(b"c", native(f"enc-{i}"), [auth]) for i in range(30)])
+    keys = await accepted_keys(ingestion, 30)
+    assert not unencoded
+    assert {k: v["usage_id"] for k, v in keys.items()} == staged_ids
+
+
 async def _offsets_reach(ingestion: Ingestion, n: int) -> None:
     """Until the Kafka input's group has committed `n` offsets in all of its topic."""
     consumer = AIOKafkaConsumer(bootstrap_servers=ingestion.bootstrap,
