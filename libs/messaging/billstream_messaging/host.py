@@ -26,6 +26,7 @@ from faststream.kafka import KafkaBroker
 
 from billstream_contracts.topics import SUBSCRIPTION_EVENTS
 from billstream_messaging.consumer import EventConsumer, EventContext
+from billstream_messaging.groups import leave_group_on_stop
 from billstream_messaging.relay import OutboxRelay
 from billstream_messaging.replay import rebuild
 from billstream_messaging.store import EventStore
@@ -111,6 +112,7 @@ class ServiceHost:
     async def start(self, *, serve_http: bool = True,
                     sockets: list[socket.socket] | None = None) -> None:
         configure_tracing(self.name, self.settings.otel_exporter_otlp_endpoint)
+        leave_group_on_stop(self.settings.consumer_leave_group)
         pool = await self.open_database()
         self.app.state.pool = pool
         self.app.state.authenticator = Authenticator(pool)
