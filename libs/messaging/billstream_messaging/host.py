@@ -74,8 +74,10 @@ class ServiceHost:
         read_models: Mapping[str, Iterable[str]] | None = None,
         store: EventStore | None = None,
         state: Mapping[str, object] | None = None,
+        connection_setup: db.ConnectionSetup | None = None,
     ) -> None:
         self.settings = settings
+        self.connection_setup = connection_setup  # run on each new database connection
         self.name = settings.service_name
         self.store = store or EventStore(self.name)
         self.metrics = Metrics(self.name)
@@ -102,7 +104,8 @@ class ServiceHost:
     async def open_database(self) -> asyncpg.Pool:
         await db.wait_for_database(self.settings.database_url)
         self.pool = await db.create_pool(
-            self.settings.database_url, self.settings.db_pool_min, self.settings.db_pool_max
+            self.settings.database_url, self.settings.db_pool_min, self.settings.db_pool_max,
+            setup=self.connection_setup,
         )
         applied = await db.migrate(self.pool, *self.migrations)
         if applied:

@@ -9,7 +9,10 @@ event log, inbox, idempotency keys, API-key projection) ship their own migration
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -41,10 +44,83 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
-    """A pool whose json/jsonb columns map to Python objects via orjson."""
+ConnectionSetup = Callable[[asyncpg.Connection], Awaitable[None]]
+
+
+async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10,
+                      setup: ConnectionSetup | None = None) -> asyncpg.Pool:
+    """A pool whose json/jsonb columns map to Python objects via orjson; `setup` runs on each
+    new connection after that (a service's own codecs, such as `timestamptz_micros`)."""
+    init = _init_connection
+    if setup is not None:
+        async def init(conn: asyncpg.Connection) -> None:
+            await _init_connection(conn)
+            await setup(conn)
+
     return await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=60
+        dsn, min_size=min_size, max_size=max_size, init=init, command_timeout=60
+    )
+
+
+# ---------------------------------------------------------------- timestamptz as microseconds
+
+#: PostgreSQL's epoch: a timestamptz travels (binary) as microseconds since it, UTC.
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_PG_INFINITY = 2**63 - 1
+_PG_NEGATIVE_INFINITY = -(2**63)
+# what asyncpg maps PostgreSQL's infinities to and from (naive, like asyncpg's own)
+_INFINITY = datetime(9999, 12, 31, 23, 59, 59, 999999)
+_NEGATIVE_INFINITY = datetime(1, 1, 1)
+
+
+def pg_micros(value: datetime) -> int:
+    """An aware datetime as PostgreSQL's binary timestamptz: microseconds since PG_EPOCH. A
+    connection set up with `timestamptz_micros` takes the int where it takes the datetime."""
+    return (value - PG_EPOCH) // _MICROSECOND
+
+
+def _encode_timestamptz(value: Any) -> tuple[int]:
+    """asyncpg's own timestamptz encoding, in Python, plus ints (pg_micros) taken as they are.
+    Naive datetimes and dates are local time, as asyncpg takes them."""
+    if type(value) is int:
+        return (value,)
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            if value == _INFINITY:
+                return (_PG_INFINITY,)
+            if value == _NEGATIVE_INFINITY:
+                return (_PG_NEGATIVE_INFINITY,)
+            value = value.astimezone(UTC)
+        return ((value - PG_EPOCH) // _MICROSECOND,)
+    if isinstance(value, date):
+        return _encode_timestamptz(datetime(value.year, value.month, value.day).astimezone())
+    raise TypeError("expected a datetime.date or datetime.datetime instance (or pg_micros), "
+                    f"got {type(value).__name__!r}")
+
+
+def _decode_timestamptz(value: tuple[int]) -> datetime:
+    micros = value[0]
+    if micros == _PG_INFINITY:
+        return _INFINITY
+    if micros == _PG_NEGATIVE_INFINITY:
+        return _NEGATIVE_INFINITY
+    return PG_EPOCH + timedelta(microseconds=micros)
+
+
+async def timestamptz_micros(conn: asyncpg.Connection) -> None:
+    """timestamptz parameters may be ints of microseconds since PG_EPOCH (`pg_micros`), which
+    cost asyncpg nothing to encode: its own encoder spends about 1.5 µs per datetime (two
+    comparisons with its infinities, astimezone, a subtraction), which in a COPY of usage keys
+    was half of the client's cost per row. Datetimes and dates work as before, and values
+    decode exactly as asyncpg decodes them (aware UTC datetimes; the infinities as
+    datetime.max/min, naive)."""
+    await conn.set_type_codec(
+        "timestamptz",
+        encoder=_encode_timestamptz,
+        decoder=_decode_timestamptz,
+        schema="pg_catalog",
+        format="tuple",
     )
 
 

@@ -14,6 +14,7 @@ from billstream_ingestion.raw_input import RawInput
 from billstream_ingestion.settings import IngestionSettings, load
 from billstream_ingestion.tasks import purge_keys
 from billstream_messaging import AUTH_TOPIC, EventConsumer, EventStore, ServiceHost
+from billstream_runtime import db
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -26,6 +27,7 @@ def build(settings: IngestionSettings | None = None) -> ServiceHost:
         settings=settings, title="Billstream ingestion", migrations=MIGRATIONS,
         routers=[router], store=store, tasks=[purge_keys],
         read_models={f"{settings.service_name}.catalog": CATALOG_READ_MODEL},
+        connection_setup=db.timestamptz_micros,  # usage keys' event_time as ints (KeyClaim)
     )
     host.consumers.append(EventConsumer(
         name="catalog", topics=[AUTH_TOPIC], handlers=CATALOG_HANDLERS, settings=settings,

@@ -37,6 +37,7 @@ from billstream_ingestion.domain import Outcome, UsageEvent
 from billstream_ingestion.repository import KeyClaim, KnownCustomer
 from billstream_ingestion.settings import IngestionSettings
 from billstream_messaging import EventStore, NewEvent
+from billstream_runtime.db import pg_micros
 from billstream_runtime.http import wait_for
 from billstream_runtime.ids import new_ids
 
@@ -78,6 +79,7 @@ class Encoded:
     chunks: list[tuple[int, int]]
     event_ids: list[str]
     claims: list[KeyClaim]
+    max_batch_bytes: int  # what `chunks` were split by
 
 
 async def ingest(
@@ -191,10 +193,10 @@ def encode(prepared: Prepared, max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -
         chunk_of += [event_id] * (stop - start)
     claims = [
         KeyClaim(ev.idempotency_key, ev.payload_hash, usage_id, event_id, ev.customer,
-                 timestamps[ev.index])
+                 pg_micros(timestamps[ev.index]))
         for ev, usage_id, event_id in zip(firsts, usage_ids, chunk_of, strict=True)
     ]
-    prepared.encoded = Encoded(firsts, usages, chunks, event_ids, claims)
+    prepared.encoded = Encoded(firsts, usages, chunks, event_ids, claims, max_batch_bytes)
 
 
 async def write(conn: asyncpg.Connection, store: EventStore, batches: Sequence[Prepared],
@@ -202,15 +204,17 @@ async def write(conn: asyncpg.Connection, store: EventStore, batches: Sequence[P
     """In the caller's transaction: claim the keys of every prepared batch and append the newly
     claimed usage as `usage.batch_accepted` events (one per tenant batch, split so that none
     holds more than `max_batch_bytes` of JSON; see `encode`, done here for a batch not
-    encoded yet). Returns every outcome of every batch. Usage whose key turns out to be
-    taken is left out of its batch event."""
+    encoded yet, or encoded for another size). Returns every outcome of every batch. Usage
+    whose key turns out to be taken is left out of its batch event. A batch written again
+    (a retry after a failed transaction) keeps its encoding, so its ids: none of them was
+    committed."""
     outcomes: list[Outcome] = []
     appended: list[NewEvent] = []
     for prepared in batches:
         outcomes += prepared.outcomes
         if not prepared.valid:
             continue
-        if prepared.encoded is None:
+        if prepared.encoded is None or prepared.encoded.max_batch_bytes != max_batch_bytes:
             encode(prepared, max_batch_bytes)
         scope = prepared.scope
         firsts, usages, chunks, event_ids, claims = (

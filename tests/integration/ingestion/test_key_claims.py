@@ -11,6 +11,7 @@ import pytest
 
 from billstream_ingestion import repository
 from billstream_ingestion.repository import CLAIM_ON_CONFLICT, KeyClaim
+from billstream_runtime.db import pg_micros
 from ingestion_harness import Ingestion
 
 pytestmark = pytest.mark.integration
@@ -20,7 +21,7 @@ AT = datetime(2026, 11, 1, tzinfo=UTC)
 
 def claims(prefix: str, n: int, start: int = 0) -> list[KeyClaim]:
     return [KeyClaim(f"{prefix}-{i:06d}", f"{i:064x}", f"use_{prefix}_{i}", f"evt_{prefix}",
-                     f"cust-{i % 100}", AT) for i in range(start, start + n)]
+                     f"cust-{i % 100}", pg_micros(AT)) for i in range(start, start + n)]
 
 
 def rows_read_from_usage_keys(plan: dict) -> int:
@@ -56,7 +57,7 @@ async def test_resent_keys_are_probed_one_by_one_even_before_statistics(ingestio
                 "EXPLAIN (ANALYZE, FORMAT JSON) " + CLAIM_ON_CONFLICT, tenant, "test",
                 [c.idempotency_key for c in resent], [c.payload_hash for c in resent],
                 [c.usage_id for c in resent], [c.event_id for c in resent],
-                [c.customer for c in resent], [c.timestamp for c in resent])
+                [c.customer for c in resent], [c.event_time for c in resent])
             if isinstance(explained, str):  # (the pool may decode json itself)
                 explained = json.loads(explained)
             plan = explained[0]["Plan"]
