@@ -342,3 +342,31 @@ async def test_a_dead_requests_idempotency_key_is_taken_over_after_the_lease(
         assert "retry-after" not in refused.headers
     assert sorted(e["data"]["idempotency_key"] for e in await ingestion.accepted_events()) == [
         "dead-1", "dead-2"]
+
+
+async def test_a_batch_encoded_for_another_size_is_encoded_again_when_written(
+        ingestion: Ingestion):
+    """`write` splits usage by its own max_batch_bytes, even for a batch encoded before with
+    another size: each batch event holds at most that much usage, and each key names the batch
+    event that holds its usage."""
+    from billstream_ingestion import service
+
+    await ingestion.create_meter("api_calls")
+    host = ingestion.host
+    scope = service.Scope(ingestion.tenant_id, "test")
+    raws = [ev(f"split-{i}", quantity=str(i + 1)) for i in range(12)]
+    prepared = await service.prepare(host.pool, host.settings, scope, raws)
+    service.encode(prepared, 10**9)
+    assert len(prepared.encoded.event_ids) == 1  # one batch event at that size
+    small = 3 * max(len(u) for u in prepared.encoded.usages)  # 2 or 3 usages a batch event
+    async with host.pool.acquire() as conn, conn.transaction():
+        results = await service.write(conn, host.store, [prepared], max_batch_bytes=small)
+    assert [o.status for o in results] == ["accepted"] * 12
+    batches = [r for r in await ingestion.log_rows() if r["type"] == "usage.batch_accepted"]
+    assert 4 <= len(batches) <= 6
+    assert all(len(orjson.dumps(b["data"]["usages"])) <= small for b in batches)
+    holder = {u["idempotency_key"]: b["id"] for b in batches for u in b["data"]["usages"]}
+    claims = await host.pool.fetch(
+        "SELECT idempotency_key, event_id FROM usage_keys WHERE tenant_id = $1", scope.tenant_id)
+    assert {r["idempotency_key"]: r["event_id"] for r in claims} == holder
+    assert len(holder) == 12
