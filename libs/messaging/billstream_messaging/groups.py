@@ -15,7 +15,14 @@ stopping consumers forget their membership without sending LeaveGroup: the broke
 when their session times out (2 s on the local stack). Keep the default (true) with Apache
 Kafka and any broker without this bug. It applies to every consumer of the process (aiokafka's
 group coordinator is patched once, at start-up): the services' event consumers (through
-FastStream) and ingestion's Kafka input alike.
+FastStream) and ingestion's Kafka input alike, and to every LeaveGroup aiokafka would send, not
+only on stop: `unsubscribe()` (nothing here calls it) and a consumer that exceeded
+`max_poll_interval_ms` also leave by session expiry then.
+
+aiokafka sends no LeaveGroup from generation 0 (Tansu's first), so the loss needs a group that
+re-formed at least once. tests/integration/messaging/test_group_leave.py records the requests a
+stopping consumer sends with the setting on and off, so a future aiokafka that leaves some other
+way fails it.
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ class ServiceSettings(BaseModel):
     # after half the session timeout, so the local stack uses 2 s to start in about 1 s.
     consumer_session_timeout_ms: int = 10_000
     consumer_heartbeat_interval_ms: int = 3_000
-    # Whether a stopping consumer sends LeaveGroup (see billstream_messaging.groups): keep it
+    # Whether consumers send LeaveGroup (on stop, and on the other occasions aiokafka would;
+    # see billstream_messaging.groups): keep it
     # with Apache Kafka; the local stack turns it off for the embedded broker (Tansu 0.6.0),
     # which can lose a group for good when its leader leaves while the group re-forms.
     consumer_leave_group: bool = True

@@ -23,6 +23,26 @@ pytestmark = pytest.mark.integration
 PARTITIONS = 8
 
 
+@pytest.fixture(autouse=True)
+def _restore_leave_setting():
+    """The setting is process-wide (hosts started by earlier tests set it): each test here
+    sets what it needs and leaves the process as it found it."""
+    before = leaves_group_on_stop()
+    yield
+    leave_group_on_stop(before)
+
+
+async def _topic(bootstrap: str, partitions: int = PARTITIONS) -> str:
+    topic = unique("t")
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
+    return topic
+
+
 def _session() -> tuple[int, int]:
     """(session timeout, heartbeat) ms: the local stack's on the embedded broker; Apache
     Kafka refuses sessions under 6 s."""
@@ -61,10 +81,14 @@ class _Member(ConsumerRebalanceListener):
 
 
 async def _all_assigned(members: list[_Member], timeout: float) -> None:
+    await _all_assigned_of(members, set(range(PARTITIONS)), timeout)
+
+
+async def _all_assigned_of(members: list[_Member], partitions: set[int],
+                           timeout: float) -> None:
     async def assigned() -> None:
         while not (all(m.partitions for m in members)
-                   and sorted(p for m in members for p in m.partitions)
-                   == list(range(PARTITIONS))):
+                   and sorted(p for m in members for p in m.partitions) == sorted(partitions)):
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(assigned(), timeout)
@@ -72,13 +96,7 @@ async def _all_assigned(members: list[_Member], timeout: float) -> None:
 
 async def test_a_group_forms_again_after_its_follower_then_its_leader_stopped(
         kafka_bootstrap: str):
-    topic, group = unique("t"), unique("g")
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
-    finally:
-        await admin.close()
+    topic, group = await _topic(kafka_bootstrap), unique("g")
     leave_group_on_stop(False)
     running: list[_Member] = []
     try:
@@ -102,17 +120,42 @@ async def test_a_group_forms_again_after_its_follower_then_its_leader_stopped(
     finally:
         for member in running:
             await member.stop()
-        leave_group_on_stop(True)
 
 
-def test_the_setting_switches_leavegroup_for_the_process():
-    assert leaves_group_on_stop()
-    leave_group_on_stop(False)
-    try:
-        assert not leaves_group_on_stop()
-    finally:
-        leave_group_on_stop(True)
-    assert leaves_group_on_stop()
+async def test_a_stopping_consumer_sends_leavegroup_only_when_the_setting_says_so(
+        kafka_bootstrap: str):
+    """Whatever route aiokafka takes to leave: every request a member's coordinator sends is
+    recorded, and its stop sends LeaveGroup with the setting on and none with it off (its
+    membership is forgotten either way). Two members, so that the group has re-formed once:
+    aiokafka sends no LeaveGroup from generation 0, Tansu's first."""
+    topic = await _topic(kafka_bootstrap, 2)
+    for leave in (True, False, True):
+        leave_group_on_stop(leave)
+        assert leaves_group_on_stop() is leave
+        group = unique("g")
+        first, second = _Member(kafka_bootstrap, group, topic), _Member(kafka_bootstrap,
+                                                                       group, topic)
+        await first.start()
+        try:
+            await second.start()
+            try:
+                await _all_assigned_of([first, second], {0, 1}, 30)
+                coordinator = second.consumer._coordinator
+                assert coordinator.generation > 0
+                sent: list[str] = []
+                send = coordinator._send_req
+
+                async def recording(request, send=send, sent=sent):
+                    sent.append(type(request).__name__)
+                    return await send(request)
+
+                coordinator._send_req = recording
+            finally:
+                await second.stop()
+        finally:
+            await first.stop()
+        assert any(name.startswith("LeaveGroupRequest") for name in sent) is leave, sent
+        assert coordinator.generation < 0  # forgotten: a later start joins afresh
 
 
 async def test_a_host_applies_the_setting_when_it_starts(fresh_database, kafka_bootstrap):
