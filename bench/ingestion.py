@@ -25,13 +25,15 @@ Figures (units in the names):
   every 50 ms reached its final position, known once the input's consumer group committed
   every record; usage_keys is checked exactly afterwards) and until
   all are on `usage.accepted`. "not available" while ingestion has no consumer of the topic.
-- `memory`: the ingestion process's RSS, peak and steady (median of the phase's second half).
+- `memory`: the ingestion process's RSS, peak and steady (median of the phase's second half);
+  with several workers the largest one's, all of them together (`peak_total_mb`), and
+  their PSS together (`peak_total_pss_mb`: pages the forked workers share counted once).
 - `cpu_<phase>`: CPU used by each process during the phase, percent of one core (the machine
   has `machine_cores`; `machine_busy_pct` is of all cores together). `other_processes_pct` is
   what the rest of the machine used meanwhile: when it is high the throughput figures are
   low, and `events_per_ingestion_cpu_s` (events per CPU second of the ingestion process) is
   the figure to compare between runs. `wal_bytes_per_event`: PostgreSQL's WAL written during
-  the phase (pg_stat_wal, the whole server) per event.
+  the phase (the server's WAL insert position, before and after) per event.
 - `ratios`: throughput over the same run's ceilings (HTTP/Kafka events/s against PostgreSQL
   COPY and unnest-insert rows/s and the broker's produce/consume msgs/s), and against the
   targets (HTTP 50,000 acknowledged events/s, Kafka 100,000 events/s, p99 500 ms at the
@@ -336,12 +338,18 @@ def with_workers(pid: int | None) -> list[int]:
 
 class RssSampler:
     """VmRSS of the ingestion process(es) every 100 ms (it follows `pid` across a restart).
-    With several workers, `peak_mb` is the largest single process, `peak_total_mb` all."""
+    With several workers, `peak_mb` is the largest single process, `peak_total_mb` all.
+
+    The workers are forked after start-up, so the pages they still share (the interpreter,
+    the imported code, what start-up froze) count in each one's RSS; `peak_total_pss_mb` is
+    the service's own footprint: every process's PSS (a shared page counts 1/n in each of
+    the n processes sharing it), read every 500 ms (`smaps_rollup` walks the page tables)."""
 
     def __init__(self) -> None:
         self.pid: int | None = None
         self.samples: list[tuple[float, float]] = []  # (monotonic, MB of the largest process)
         self.totals: list[tuple[float, float]] = []  # (monotonic, MB of all of them)
+        self.pss_totals: list[tuple[float, float]] = []  # (monotonic, PSS MB of all of them)
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -354,19 +362,20 @@ class RssSampler:
                 await self._task
 
     async def _run(self) -> None:
+        tick = 0
         while True:
             if self.pid:
-                sizes = []
-                for pid in with_workers(self.pid):
-                    with contextlib.suppress(OSError):
-                        status = Path(f"/proc/{pid}/status").read_text()
-                        match = re.search(r"^VmRSS:\s+(\d+)", status, re.MULTILINE)
-                        if match:  # an exited process (a zombie) has none
-                            sizes.append(int(match.group(1)) / 1024)
+                pids = with_workers(self.pid)
+                sizes = [mb for pid in pids if (mb := _proc_kb(pid, "status", "VmRSS"))]
                 if sizes:
                     now = time.monotonic()
                     self.samples.append((now, max(sizes)))
                     self.totals.append((now, sum(sizes)))
+                if tick % 5 == 0:
+                    pss = [mb for pid in pids if (mb := _proc_kb(pid, "smaps_rollup", "Pss"))]
+                    if pss:
+                        self.pss_totals.append((time.monotonic(), sum(pss)))
+                tick += 1
             await asyncio.sleep(0.1)
 
     def window(self, start: float, end: float) -> dict:
@@ -375,9 +384,24 @@ class RssSampler:
             return {}
         second_half = values[len(values) // 2:]
         totals = [mb for t, mb in self.totals if start <= t <= end]
-        return {"peak_mb": round(max(values), 1),
-                "steady_mb": round(statistics.median(second_half), 1),
-                "peak_total_mb": round(max(totals), 1)}
+        pss = [mb for t, mb in self.pss_totals if start <= t <= end]
+        out = {"peak_mb": round(max(values), 1),
+               "steady_mb": round(statistics.median(second_half), 1),
+               "peak_total_mb": round(max(totals), 1)}
+        if pss:
+            out["peak_total_pss_mb"] = round(max(pss), 1)
+        return out
+
+
+def _proc_kb(pid: int, name: str, field: str) -> float | None:
+    """A `field: N kB` line of /proc/PID/NAME, in MB; None once the process is gone (a
+    zombie has no VmRSS)."""
+    try:
+        text = Path(f"/proc/{pid}/{name}").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+)", text, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else None
 
 
 class CpuMeter:
@@ -494,9 +518,11 @@ class IngestionDb:
             upto_seq if upto_seq is not None else 2**62)
 
     async def wal_bytes(self) -> int:
-        """WAL written by the whole server so far (the subscription service's share is
-        nothing next to ingestion's)."""
-        return int(await self.pool.fetchval("SELECT wal_bytes FROM pg_stat_wal"))
+        """The server's WAL insert position, in bytes: what the whole server has written (the
+        subscription service's share is nothing next to ingestion's). Exact at once, unlike
+        pg_stat_wal, whose backends report at most once a second."""
+        return int(await self.pool.fetchval(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"))
 
     async def usage_keys(self) -> int:
         return await self.pool.fetchval(
@@ -1028,6 +1054,9 @@ def ratios(ceilings: dict | None, source: str, http: dict, latency: dict, kafka:
                                  >= 0.95 * LATENCY_RATE)
     out["rss_peak_vs_target_300mb"] = round(memory["peak_mb"] / TARGET_RSS_MB, 3)
     out["rss_target_met"] = memory["peak_mb"] <= TARGET_RSS_MB
+    if "peak_total_pss_mb" in memory:  # every worker together, shared pages counted once
+        out["service_pss_vs_target_300mb"] = round(memory["peak_total_pss_mb"]
+                                                   / TARGET_RSS_MB, 3)
     return out
 
 
@@ -1081,6 +1110,9 @@ async def run(ctx) -> dict:
             for name, value in rss.window(start, end).items():
                 memory[f"{phase}_{name}"] = value
         memory["peak_mb"] = round(max(mb for _, mb in rss.samples), 1)
+        memory["peak_total_mb"] = round(max(mb for _, mb in rss.totals), 1)
+        if rss.pss_totals:
+            memory["peak_total_pss_mb"] = round(max(mb for _, mb in rss.pss_totals), 1)
         memory["peak_phase"] = max(
             bench.windows, key=lambda p: rss.window(*bench.windows[p]).get("peak_mb", 0))
         ceilings, source = load_ceilings(ctx)

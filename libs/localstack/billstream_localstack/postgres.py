@@ -48,7 +48,9 @@ SYSTEM_USER = "billstream-pg"
 #: idempotency keys land at random places in their index): key inserts slowed by a fifth
 #: after a checkpoint.
 #: 4GB spaces checkpoints out (checkpoint_timeout, 5 min, still applies); the WAL takes that
-#: much disk only while writes run that fast.
+#: much disk only while writes run that fast. The price: after a crash under load the server
+#: may replay up to about 2GB of WAL (a checkpoint starts at max_wal_size / 1.9) before it
+#: accepts connections again, seconds to tens of seconds.
 SERVER_SETTINGS: dict[str, str] = {
     "fsync": "on",
     "max_connections": "300",
