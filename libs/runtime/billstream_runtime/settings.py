@@ -55,9 +55,9 @@ class ServiceSettings(BaseModel):
     consumer_session_timeout_ms: int = 10_000
     consumer_heartbeat_interval_ms: int = 3_000
     # Whether consumers send LeaveGroup (on stop, and on the other occasions aiokafka would;
-    # see billstream_messaging.groups): keep it
-    # with Apache Kafka; the local stack turns it off for the embedded broker (Tansu 0.6.0),
-    # which can lose a group for good when its leader leaves while the group re-forms.
+    # see billstream_messaging.groups): keep it with Apache Kafka; the local stack turns it
+    # off for the embedded broker (Tansu 0.6.0), which can lose a group for good when its
+    # leader leaves while the group re-forms.
     consumer_leave_group: bool = True
     # Idempotency-Key: on routes whose effect deduplicates itself (usage ingestion), a key
     # whose request has held it this long is taken over by a retry (its request died)

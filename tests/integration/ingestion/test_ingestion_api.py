@@ -166,7 +166,20 @@ async def test_accepted_events_are_published(ingestion: Ingestion):
     assert {u["quantity"] for u in record["data"]["usages"]} == {"2"}
 
 
-async def test_a_meter_created_a_moment_ago_is_waited_for(fresh_database, kafka_bootstrap):
+async def test_a_meter_created_a_moment_ago_is_waited_for(fresh_database, kafka_bootstrap,
+                                                          monkeypatch):
+    from billstream_ingestion import repository
+
+    found_unknown = asyncio.Event()
+    real_known_meters = repository.known_meters
+
+    async def known_meters(pool, tenant_id, environment, codes):
+        known = await real_known_meters(pool, tenant_id, environment, codes)
+        if "new" not in known:
+            found_unknown.set()
+        return known
+
+    monkeypatch.setattr(repository, "known_meters", known_meters)
     host = build(ingestion_settings(fresh_database, kafka_bootstrap, projection_wait_s="10"))
     await host.start(serve_http=False)
     try:
@@ -174,7 +187,8 @@ async def test_a_meter_created_a_moment_ago_is_waited_for(fresh_database, kafka_
         svc.key = await svc.add_key()
         async with svc.client() as c:
             posting = asyncio.create_task(c.post("/v1/usage/events", json=ev("w1", meter="new")))
-            await asyncio.sleep(0)  # the request starts before the meter exists here
+            # the request has looked the meter up and not found it before it is created
+            await asyncio.wait_for(found_unknown.wait(), 30)
             await svc.create_meter("new")
             r = await posting
         assert r.json()["accepted"] == 1, r.text

@@ -18,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from billstream_messaging.groups import leave_group_on_stop, leaves_group_on_stop
 from billstream_testing.fixtures import unique, use_containers
+from billstream_testing.waiting import eventually
 
 pytestmark = pytest.mark.integration
 PARTITIONS = 8
@@ -80,18 +81,14 @@ class _Member(ConsumerRebalanceListener):
         await self.consumer.stop()
 
 
-async def _all_assigned(members: list[_Member], timeout: float) -> None:
-    await _all_assigned_of(members, set(range(PARTITIONS)), timeout)
+async def _all_assigned(members: list[_Member], timeout: float,
+                        partitions: int = PARTITIONS) -> None:
+    """Until every member holds partitions and together they hold each one exactly once."""
+    async def assigned() -> bool:
+        return (all(m.partitions for m in members)
+                and sorted(p for m in members for p in m.partitions) == list(range(partitions)))
 
-
-async def _all_assigned_of(members: list[_Member], partitions: set[int],
-                           timeout: float) -> None:
-    async def assigned() -> None:
-        while not (all(m.partitions for m in members)
-                   and sorted(p for m in members for p in m.partitions) == sorted(partitions)):
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(assigned(), timeout)
+    await eventually(assigned, timeout=timeout, message="every member assigned")
 
 
 async def test_a_group_forms_again_after_its_follower_then_its_leader_stopped(
@@ -139,7 +136,7 @@ async def test_a_stopping_consumer_sends_leavegroup_only_when_the_setting_says_s
         try:
             await second.start()
             try:
-                await _all_assigned_of([first, second], {0, 1}, 30)
+                await _all_assigned([first, second], 30, partitions=2)
                 coordinator = second.consumer._coordinator
                 assert coordinator.generation > 0
                 sent: list[str] = []
