@@ -1,7 +1,9 @@
 """Ingestion throughput, latency and memory, next to the same run's ceilings.
 
 Only two services run, each as its own OS process with its own database: ingestion (measured)
-and subscription (which creates the tenant, its secret key and the meter `api_calls`).
+and subscription (which creates the tenant, its secret key, the meter `api_calls` and the 1,000
+customers the load names, `bench-cust-0000` …; BENCH_KNOWN_CUSTOMERS=0 leaves them uncreated,
+so that every event is for a customer not known yet).
 Load comes from `bench/ingest_load.py`, another OS process. The bench process only measures:
 it samples the ingestion process's RSS every 100 ms, the CPU time of every process involved,
 the relay position in ingestion's database, and (for latency) consumes
@@ -106,6 +108,10 @@ HTTP_SECONDS = float(os.environ.get("BENCH_INGEST_SECONDS", "30"))
 CONNECTIONS = int(os.environ.get("BENCH_INGEST_CONNECTIONS", "16"))
 BATCH = 1000
 CUSTOMERS = 1000
+# 1: the customers the load names (bench-cust-0000 …) are created first, as a merchant's
+# would be; 0: none is, and all usage is for customers not known yet (the figures before
+# 2026-11-21 23:00 were taken that way)
+KNOWN_CUSTOMERS = os.environ.get("BENCH_KNOWN_CUSTOMERS", "1") == "1"
 LATENCY_RATE = int(os.environ.get("BENCH_LATENCY_RATE", "20000"))
 LATENCY_BATCH = int(os.environ.get("BENCH_LATENCY_BATCH", "1000"))
 LATENCY_SECONDS = float(os.environ.get("BENCH_LATENCY_SECONDS", "20"))
@@ -614,7 +620,8 @@ class PositionTracker:
 
 async def create_tenant_and_meter(platform: Platform) -> dict:
     """A tenant, its test secret key and meter `api_calls` (sum) through subscription's admin
-    and public API; returns once ingestion accepts an event for that meter."""
+    and public API, and the load's customers (KNOWN_CUSTOMERS); returns once ingestion
+    accepts an event for that meter."""
     sub, ing = platform.subscription, platform.ingestion
     dev = await asyncio.to_thread(
         bootstrap_demo_tenant, sub.url, platform.admin_token,
@@ -641,7 +648,24 @@ async def create_tenant_and_meter(platform: Platform) -> dict:
                 raise BenchFailure("ingestion never accepted an event for meter api_calls: "
                                    f"{response.status_code} {response.text[:300]}")
             await asyncio.sleep(0.2)
+        if KNOWN_CUSTOMERS:
+            await create_customers(client, sub.url, CUSTOMERS)
     return {"tenant_id": dev["tenant_id"], "key": key}
+
+
+async def create_customers(client: httpx.AsyncClient, url: str, n: int) -> None:
+    """Customers bench-cust-0000 … with those external ids, 16 requests at a time."""
+    names = iter(f"bench-cust-{c:04d}" for c in range(n))
+
+    async def worker() -> None:
+        for name in names:
+            response = await client.post(f"{url}/v1/customers", json={"external_id": name},
+                                         headers={"Idempotency-Key": f"bench-{name}"})
+            if response.status_code not in (200, 201):
+                raise BenchFailure(f"could not create customer {name}: "
+                                   f"{response.status_code} {response.text[:300]}")
+
+    await asyncio.gather(*(worker() for _ in range(16)))
 
 
 def load_ceilings(ctx) -> tuple[dict | None, str]:
@@ -740,6 +764,7 @@ class Bench:
             "events_per_request": BATCH,
             "connections": CONNECTIONS,
             "customers": CUSTOMERS,
+            "customers_known": KNOWN_CUSTOMERS,
             "acked_seconds": round(took, 2),
             "acked_events_per_s": round(events / took),
             "request_p50_ms": round(run["p50_s"] * 1000, 1),
@@ -1102,7 +1127,6 @@ async def run(ctx) -> dict:
         started = time.monotonic()
         await platform.start()
         tenant = await create_tenant_and_meter(platform)
-        setup_s = time.monotonic() - started
         pool = await asyncpg.create_pool(platform.ingestion.database_url, min_size=1,
                                          max_size=2)
         conn_pid = await pool.fetchval("SELECT pg_backend_pid()")
@@ -1110,6 +1134,14 @@ async def run(ctx) -> dict:
         with contextlib.suppress(psutil.Error):
             parent = psutil.Process(conn_pid).parent()
             postmaster = parent.pid if parent else None
+        if KNOWN_CUSTOMERS:  # the load's customers have reached ingestion's read model
+            deadline = time.monotonic() + 120
+            while await pool.fetchval("SELECT count(*) FROM customers WHERE tenant_id = $1",
+                                      tenant["tenant_id"]) < CUSTOMERS:
+                if time.monotonic() > deadline:
+                    raise BenchFailure("ingestion never knew the bench's customers")
+                await asyncio.sleep(0.2)
+        setup_s = time.monotonic() - started
         rss.pid = platform.ingestion.pid
         rss.start()
         await asyncio.sleep(1.0)

@@ -8,6 +8,7 @@ from prometheus_client import Counter
 
 from billstream_contracts.topics import USAGE_ACCEPTED
 from billstream_ingestion.admission import Admission
+from billstream_ingestion.catalog import CatalogCache
 from billstream_ingestion.endpoints import router
 from billstream_ingestion.handlers import CATALOG_HANDLERS, CATALOG_READ_MODEL
 from billstream_ingestion.raw_input import RawInput
@@ -37,6 +38,9 @@ def build(settings: IngestionSettings | None = None) -> ServiceHost:
         "billstream_usage_events_total", "Usage events ingested, by channel and outcome",
         ["channel", "outcome"], registry=host.metrics.registry,
     )
+    # per process (each worker its own): what the read models said, while it stands
+    host.app.state.catalog = (CatalogCache(settings.catalog_cache_entries)
+                              if settings.catalog_cache_entries else None)
     admission = Admission(settings, pool=lambda: host.pool)
     host.app.state.admission = admission
     if settings.raw_input_enabled:

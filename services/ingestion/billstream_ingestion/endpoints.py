@@ -52,6 +52,7 @@ async def ingest_usage(request: Request, ctx: AuthContext = SecretKey):
             service.Scope(ctx.tenant_id, ctx.environment),
             [raw for raw in raw_events if raw is not None],
             indices=[i for i, raw in enumerate(raw_events) if raw is not None],
+            catalog=request.app.state.catalog,
         )
     if ce_indices:
         outcomes = [cloudevents.in_cloudevent_terms(o) if o.index in ce_indices else o

@@ -13,18 +13,24 @@ async def on_customer_created(ctx: EventContext) -> None:
     d = ctx.data
     await repository.upsert_customer(ctx.conn, ctx.envelope.tenant_id, ctx.envelope.environment,
                                      d.customer_id, d.external_id, d.test_clock_id)
+    await repository.bump_catalog_version(ctx.conn, ctx.envelope.tenant_id,
+                                          ctx.envelope.environment)
 
 
 async def on_meter_created(ctx: EventContext) -> None:
     d = ctx.data
     await repository.upsert_meter(ctx.conn, ctx.envelope.tenant_id, ctx.envelope.environment,
                                   d.code, d.meter_id)
+    await repository.bump_catalog_version(ctx.conn, ctx.envelope.tenant_id,
+                                          ctx.envelope.environment)
 
 
 async def on_test_clock(ctx: EventContext) -> None:
     d = ctx.data
     await repository.set_clock_time(ctx.conn, ctx.envelope.tenant_id, ctx.envelope.environment,
                                     d.test_clock_id, d.frozen_time)
+    await repository.bump_catalog_version(ctx.conn, ctx.envelope.tenant_id,
+                                          ctx.envelope.environment)
 
 
 async def on_period_ended(ctx: EventContext) -> None:
@@ -63,6 +69,6 @@ CATALOG_HANDLERS = {
 }
 
 #: Tables the catalog consumer writes: emptied by `rebuild catalog`, refilled by replay.
-CATALOG_READ_MODEL = ["api_keys", "customers", "meters", "test_clocks"]
+CATALOG_READ_MODEL = ["api_keys", "customers", "meters", "test_clocks", "catalog_versions"]
 # period_closes is not emptied by a rebuild: it records what this service appended to its own
 # log, so a replay of subscription.period_ended does not append the close again.

@@ -217,7 +217,8 @@ class RawInput:
             skip = frozenset(code for (s, code), at in self._unknown_meter_at.items()
                              if s == scope and at > cutoff)
             batch = await service.prepare(self.host.pool, settings, scope, raws,
-                                          indices=indices, known_unknown_meters=skip)
+                                          indices=indices, known_unknown_meters=skip,
+                                          catalog=self.host.app.state.catalog)
             if batch.valid:  # the CPU half of the write, while the poll before is written
                 service.encode(batch, settings.accepted_batch_max_bytes)
             if len(self._unknown_meter_at) > 10_000:

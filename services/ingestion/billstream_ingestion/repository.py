@@ -194,6 +194,24 @@ async def known_customers(conn: Conn, tenant_id: str, environment: str,
 # ---------------------------------------------------------------- projections
 
 
+async def catalog_version(conn: Conn, tenant_id: str, environment: str) -> int | None:
+    """The scope's catalog version (see catalog.py); None while it has none."""
+    return await conn.fetchval(
+        "SELECT version FROM catalog_versions WHERE tenant_id = $1 AND environment = $2",
+        tenant_id, environment)
+
+
+async def bump_catalog_version(conn: asyncpg.Connection, tenant_id: str,
+                               environment: str) -> None:
+    """Move the scope's catalog version: in the transaction that changes its customers, meters
+    or test clocks, so that no worker keeps what it read before."""
+    await conn.execute(
+        "INSERT INTO catalog_versions (tenant_id, environment, version)"
+        " VALUES ($1, $2, nextval('catalog_version_seq'))"
+        " ON CONFLICT (tenant_id, environment) DO UPDATE SET version = EXCLUDED.version",
+        tenant_id, environment)
+
+
 async def upsert_customer(conn: asyncpg.Connection, tenant_id: str, environment: str,
                           customer_id: str, external_id: str | None,
                           test_clock_id: str | None) -> None:

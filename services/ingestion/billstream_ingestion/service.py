@@ -10,6 +10,8 @@ Order of work for one batch of one tenant and environment:
      - customers: resolved to a `cus_` id when known (unknown customers are accepted, see
        domain); "now" is the customer's test clock time when it is attached to one, else the
        wall clock; a missing timestamp defaults to it;
+     - meters and customers are read through the process's catalog.CatalogCache (kept
+       while the scope's catalog version stands);
      - the window: timestamps before `now - dedup_window` or after `now + future_tolerance`
        are rejected (`timestamp_out_of_window`);
   2. `encode` (CPU only, before a connection is taken): usage ids, the usage JSON, its split
@@ -33,6 +35,7 @@ import orjson
 
 from billstream_contracts.events import UsageBatchAccepted
 from billstream_ingestion import domain, repository
+from billstream_ingestion.catalog import CatalogCache, CatalogView
 from billstream_ingestion.domain import Outcome, UsageEvent
 from billstream_ingestion.repository import KeyClaim, KnownCustomer
 from billstream_ingestion.settings import IngestionSettings
@@ -91,9 +94,11 @@ async def ingest(
     now: datetime | None = None,
     *,
     indices: Sequence[int] | None = None,
+    catalog: CatalogCache | None = None,
 ) -> list[Outcome]:
     """One outcome per raw event (request order not guaranteed; summarize sorts)."""
-    prepared = await prepare(pool, settings, scope, raw_events, now, indices=indices)
+    prepared = await prepare(pool, settings, scope, raw_events, now, indices=indices,
+                             catalog=catalog)
     if not prepared.valid:
         return prepared.outcomes
     encode(prepared, settings.accepted_batch_max_bytes)  # no connection held meanwhile
@@ -118,11 +123,13 @@ async def prepare(
     *,
     indices: Sequence[int] | None = None,
     known_unknown_meters: frozenset[str] = frozenset(),
+    catalog: CatalogCache | None = None,
 ) -> Prepared:
     """The read-only half of ingest: validation, meters, customers and the time window.
     Outcomes carry `indices[i]` for `raw_events[i]` (default: the position). Unknown meters
     are waited for up to `projection_wait_s`, except `known_unknown_meters` (found unknown a
-    moment ago by the caller)."""
+    moment ago by the caller). Meters and customers come from `catalog` where it remembers
+    them at the scope's current version (catalog.py), else from the read models."""
     now = now or datetime.now(UTC)
     prepared = Prepared(scope)
     outcomes = prepared.outcomes
@@ -138,7 +145,9 @@ async def prepare(
     if not valid:
         return prepared
 
-    valid, unknown = await _check_meters(pool, scope, valid, settings.projection_wait_s,
+    view = (await catalog.view(pool, scope) if catalog is not None
+            else CatalogView.uncached(scope))
+    valid, unknown = await _check_meters(pool, view, valid, settings.projection_wait_s,
                                          known_unknown_meters)
     outcomes += [
         domain.rejected(ev.index, ev.idempotency_key, "unknown_meter",
@@ -149,8 +158,7 @@ async def prepare(
         return prepared
 
     refs = {ev.customer for ev in valid}
-    customers = await repository.known_customers(pool, scope.tenant_id, scope.environment,
-                                                 refs)
+    customers = await view.known_customers(pool, refs)
     window = timedelta(days=settings.dedup_window_days)
     future = timedelta(seconds=settings.future_tolerance_s)
     customers = await _clocks_caught_up(pool, scope, valid, customers, refs, future,
@@ -260,15 +268,14 @@ async def _clocks_caught_up(pool, scope, events, customers, refs, future: timede
     return customers
 
 
-async def _check_meters(pool, scope, events, wait_s: float,
+async def _check_meters(pool, view: CatalogView, events, wait_s: float,
                         no_wait: frozenset[str] = frozenset()):
     codes = {ev.meter for ev in events}
-    known = await repository.known_meters(pool, scope.tenant_id, scope.environment, codes)
+    known = await view.known_meters(pool, codes)
     if codes - known - no_wait:
         async def all_known():
             nonlocal known
-            known = await repository.known_meters(pool, scope.tenant_id, scope.environment,
-                                                  codes)
+            known = await view.known_meters(pool, codes)
             return not (codes - known - no_wait)
 
         if wait_s > 0:

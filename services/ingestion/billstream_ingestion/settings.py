@@ -20,6 +20,9 @@ class IngestionSettings(ServiceSettings):
     projection_wait_s: float = 1.0
     max_batch_events: int = 1000
     max_body_bytes: int = 5 * 1024 * 1024
+    # Customers and meters each process remembers while their scope's catalog is unchanged
+    # (catalog.py; some 200 bytes each). 0: ask the read models on every request.
+    catalog_cache_entries: int = Field(100_000, ge=0)
     max_properties_bytes: int = 8 * 1024
     # Deduplication window: an idempotency key is unique for at least this long, and events
     # timestamped before `now - window` are rejected (so a resend after the key expired can

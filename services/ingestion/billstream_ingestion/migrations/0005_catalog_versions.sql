@@ -1,0 +1,11 @@
+-- A scope's catalog version (see catalog.py): moved by the catalog consumer, in the same
+-- transaction, whenever it writes one of the scope's customers, meters or test clocks. Workers
+-- keep what they read about a scope's customers and meters while its version stands. Values
+-- come from a sequence: they never repeat, not even after a rebuild empties this table.
+CREATE SEQUENCE IF NOT EXISTS catalog_version_seq;
+CREATE TABLE IF NOT EXISTS catalog_versions (
+    tenant_id   text NOT NULL,
+    environment text NOT NULL,
+    version     bigint NOT NULL,
+    PRIMARY KEY (tenant_id, environment)
+);
