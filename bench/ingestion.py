@@ -26,7 +26,10 @@ Figures (units in the names):
   then ingestion started; events/s from ready until all are durable (the log head sampled
   every 50 ms reached its final position, known once the input's consumer group committed
   every record; usage_keys is checked exactly afterwards) and until
-  all are on `usage.accepted`. "not available" while ingestion has no consumer of the topic.
+  all are on `usage.accepted`. `sustained_events_per_s`: the rate between the samples at
+  which 10% and 90% of the events were durable (without the consumer group forming after
+  ready, `first_durable_after_ready_s`, and the last polls); the target is judged on the
+  rate from ready. "not available" while ingestion has no consumer of the topic.
 - `memory`: the ingestion process's RSS, peak and steady (median of the phase's second half);
   with several workers the largest one's, all of them together (`peak_total_mb`), and
   their PSS together (`peak_total_pss_mb`: pages the forked workers share counted once).
@@ -60,6 +63,7 @@ bench/results/ingestion.prof and .txt; figures taken under a profiler are not co
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import os
@@ -547,6 +551,33 @@ class IngestionDb:
             " ('usage.batch_accepted', 'usage.accepted')", after_seq,
             upto_seq if upto_seq is not None else 2**62)
 
+    async def sustained_rate(self, samples: list[tuple[float, int, int]], head0: int,
+                             events: int) -> dict:
+        """From (monotonic, head, published) samples of a run that made `events` durable
+        after log position `head0`: when the first became durable, and the rate between the
+        first samples showing 10% and 90% of them durable."""
+        rows = await self.pool.fetch(
+            "SELECT seq, CASE type WHEN 'usage.batch_accepted' THEN jsonb_array_length("
+            "convert_from(envelope, 'UTF8')::jsonb -> 'data' -> 'usages') ELSE 1 END AS n"
+            " FROM event_log WHERE seq > $1 AND type IN"
+            " ('usage.batch_accepted', 'usage.accepted') ORDER BY seq", head0)
+        seqs, totals, total = [], [], 0
+        for r in rows:
+            total += r["n"]
+            seqs.append(r["seq"])
+            totals.append(total)
+
+        def durable(head: int) -> int:
+            i = bisect.bisect_right(seqs, head)
+            return totals[i - 1] if i else 0
+
+        points = [(t, durable(head)) for t, head, _ in samples]
+        first = next(t for t, n in points if n > 0)
+        t10, n10 = next((t, n) for t, n in points if n >= events * 0.1)
+        t90, n90 = next((t, n) for t, n in points if n >= events * 0.9)
+        return {"first_s": first,
+                "rate": round((n90 - n10) / (t90 - t10)) if t90 > t10 else None}
+
     async def wal_bytes(self) -> int:
         """The server's WAL insert position, in bytes: what the whole server has written (the
         subscription service's share is nothing next to ingestion's). Exact at once, unlike
@@ -899,10 +930,19 @@ class Bench:
         cpu = self.cpu_meter(None)
         cpu.start()
         head_at_ready, _ = await self.db.positions()
+        # The log head is sampled every 50 ms from ready on; once the input's consumer group
+        # has committed every preloaded record (it commits a poll's offsets after its
+        # PostgreSQL commit), the final head is known, and the first sample at it is the
+        # moment the last event became durable. usage_keys is counted once, at the end:
+        # counting a table of a million rows every half second took a third of a core from
+        # the system measured.
+        tracker = PositionTracker(self.db)
+        tracker.start()
         try:
             await self.db.wait_until(lambda h, p: h > head0, "first Kafka input event",
                                      interval=0.1, grace=KAFKA_INPUT_GRACE_S)
         except BenchFailure:
+            await tracker.stop()
             await cpu.stop()
             tail = ing.log_path.read_text(errors="replace").splitlines()[-15:]
             print("bench: ingestion: the Kafka input took nothing; ingestion's log ends:\n  "
@@ -912,13 +952,6 @@ class Bench:
                               f"none of {KAFKA_EVENTS:,} preloaded events became durable within "
                               f"{KAFKA_INPUT_GRACE_S:.0f} s of ready ({rejected} records on "
                               f"{USAGE_REJECTED})"}, {}
-        # The log head is sampled every 50 ms; once the input's consumer group has committed
-        # every preloaded record (it commits a poll's offsets after its PostgreSQL commit),
-        # the final head is known, and the first sample at it is the moment the last event
-        # became durable. usage_keys is counted once, at the end: counting a table of a
-        # million rows every half second took a third of a core from the system measured.
-        tracker = PositionTracker(self.db)
-        tracker.start()
         try:
             await _wait_committed(self.ctx.kafka_bootstrap,
                                   f"bench{self.platform.stamp}.ingestion.raw", ends)
@@ -937,6 +970,7 @@ class Bench:
             raise BenchFailure(f"Kafka input of {KAFKA_EVENTS} events logged {logged} usages "
                                f"and grew usage_keys by {keys - keys0}")
         self.windows["kafka_input"] = (ready, t_published)
+        sustained = await self.db.sustained_rate(tracker.samples, head0, KAFKA_EVENTS)
         return {
             "events": KAFKA_EVENTS,
             "input": "preloaded onto billstream.usage.raw while ingestion was stopped, then "
@@ -945,6 +979,10 @@ class Bench:
             "startup_s": round(ready - spawned, 2),
             "durable_seconds": round(t_durable - ready, 2),
             "durable_events_per_s": round(KAFKA_EVENTS / (t_durable - ready)),
+            # the rate once running: from 10% to 90% of the events durable (what the time
+            # from ready adds: the consumer group forming, the first fetches, the last poll)
+            "first_durable_after_ready_s": round(sustained["first_s"] - ready, 2),
+            "sustained_events_per_s": sustained["rate"],
             "published_seconds": round(t_published - ready, 2),
             "published_events_per_s": round(KAFKA_EVENTS / (t_published - ready)),
             "events_per_ingestion_cpu_s": round(KAFKA_EVENTS / cpu.used_s["ingestion"]),
@@ -1095,6 +1133,9 @@ def ratios(ceilings: dict | None, source: str, http: dict, latency: dict, kafka:
         rate = min(kafka["durable_events_per_s"], kafka["published_events_per_s"])
         out["kafka_vs_target_100k"] = round(rate / TARGET_KAFKA_EVENTS_PER_S, 3)
         out["kafka_target_met"] = rate >= TARGET_KAFKA_EVENTS_PER_S
+        if kafka.get("sustained_events_per_s"):  # informative: the target is judged above
+            out["kafka_sustained_vs_target_100k"] = round(
+                kafka["sustained_events_per_s"] / TARGET_KAFKA_EVENTS_PER_S, 3)
     else:
         out["kafka_target_met"] = "not measured"
     out["latency_p99_vs_target_500ms"] = round(latency["p99_ms"] / TARGET_P99_MS, 3)
