@@ -138,3 +138,23 @@ async def test_with_the_cache_off_every_request_asks(fresh_database, kafka_boots
         assert lookups.customers == [["acme"], ["acme"]]
     finally:
         await host.stop()
+
+
+async def test_nothing_is_kept_while_the_catalog_is_rebuilt(ingestion: Ingestion, monkeypatch):
+    """`rebuild catalog` empties the read models and the versions: requests then read the
+    (empty) read models, as a worker started afresh would, until the replay refills them."""
+    from billstream_ingestion.handlers import CATALOG_READ_MODEL
+    from billstream_messaging.replay import rebuild
+
+    await ingestion.create_meter("api_calls")
+    await ingestion.create_customer("acme")
+    lookups = Lookups(monkeypatch, ingestion.tenant_id)
+    async with ingestion.client() as c:
+        assert (await c.post("/v1/usage/events", json=ev("b1", "acme"))).json()[
+            "accepted"] == 1
+        await rebuild(ingestion.host.pool, "ingestion.catalog.rebuilt-by-test",
+                      [t for t in CATALOG_READ_MODEL if t != "api_keys"])
+        r = await c.post("/v1/usage/events", json=ev("b2", "acme"))
+    # kept, the meter would have been known: the read model it came from is empty now
+    assert r.json()["results"][0]["code"] == "unknown_meter"
+    assert lookups.meters[0] == {"api_calls"} and len(lookups.meters) > 1
