@@ -76,9 +76,8 @@ async def _no_session_state(conn: asyncpg.Connection) -> None:
     connections per request). Billstream keeps session state off pooled connections, as
     behind PgBouncer in transaction mode: `SET` only as `SET LOCAL`, advisory locks only
     transaction-scoped (`pg_advisory_xact_lock`), and what must outlive a transaction (the
-    relay's leader lock and LISTEN, the workers' LISTEN) on a connection of its own. The one
-    session lock taken on a pooled connection, the migration lock, is released before the
-    connection goes back, or the connection is closed (`migrate`)."""
+    relay's leader lock and LISTEN, the workers' LISTEN) on a connection of its own. The
+    connection `migrate` takes its session lock on is closed afterwards, not given back."""
 
 
 # ---------------------------------------------------------------- timestamptz as microseconds
@@ -175,11 +174,15 @@ def migration_files(*dirs: Path) -> list[tuple[str, Path]]:
 
 
 async def migrate(pool: asyncpg.Pool, *dirs: Path) -> list[str]:
-    """Apply the migrations not applied yet; return the names applied."""
+    """Apply the migrations not applied yet; return the names applied.
+
+    The connection they run on is closed afterwards, never given back to the pool: it holds
+    the migration lock (a session lock: even a lock wait cut short may have been granted),
+    and a migration may leave session settings; both go with the session."""
     applied: list[str] = []
     async with pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
         try:
+            await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
@@ -192,14 +195,10 @@ async def migrate(pool: asyncpg.Pool, *dirs: Path) -> list[str]:
                     await conn.execute(path.read_text())
                     await conn.execute("INSERT INTO schema_migrations(name) VALUES ($1)", name)
                 applied.append(name)
-        finally:
-            try:
-                await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
-            except BaseException:
-                # the pool does not reset sessions (_no_session_state): a connection that
-                # may still hold the lock is closed, and the lock goes with its session
-                conn.terminate()
-                raise
+        except BaseException:
+            conn.terminate()
+            raise
+        await conn.close(timeout=10)
     return applied
 
 

@@ -19,7 +19,7 @@ other way round. A scope without a version row (a rebuild in progress) is not ca
 Remembered: the customers found, the references found unknown (usage for a customer that
 does not exist yet is accepted; the creation of any customer of the scope moves the version),
 and the meters found. Unknown meters are not: they are waited for (service._check_meters).
-At most `max_entries` per process; when full, everything is forgotten.
+At most `max_entries` per process; when full, the largest scopes are forgotten first.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ class _Remembered:
     meters: set[str] = field(default_factory=set)
     customers: dict[str, KnownCustomer | None] = field(default_factory=dict)
 
+    def size(self) -> int:
+        return len(self.meters) + len(self.customers)
+
 
 class CatalogCache:
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
@@ -59,26 +62,33 @@ class CatalogCache:
         remembered = self._scopes.get(scope)
         if remembered is not None and remembered.version != version:
             del self._scopes[scope]
-            self._entries -= len(remembered.meters) + len(remembered.customers)
+            self._entries -= remembered.size()
             remembered = None
         if remembered is None and version is not None:
             remembered = self._scopes[scope] = _Remembered(version)
         return CatalogView(self, scope, remembered)
 
-    def _take(self, scope: Scope, remembered: _Remembered, n: int) -> bool:
-        """Count n new entries of `remembered`; False when they must not be kept (another
-        request saw a newer version meanwhile, or n alone is over the limit). When full,
-        every scope is emptied (this one keeps its version)."""
+    def _room(self, scope: Scope, remembered: _Remembered, n: int) -> bool:
+        """Whether up to n new entries of `remembered` may be kept: not when another request
+        saw a newer version meanwhile, nor when n alone is over the limit. Makes room by
+        forgetting the largest scopes first (one tenant sending ever new unknown references
+        forgets its own before anyone else's; this scope keeps its version)."""
         if self._scopes.get(scope) is not remembered or n > self.max_entries:
             return False
         if self._entries + n > self.max_entries:
-            for each in self._scopes.values():
-                each.meters.clear()
-                each.customers.clear()
-            self._scopes = {scope: remembered}
-            self._entries = 0
-        self._entries += n
+            for other in sorted(self._scopes, key=lambda k: -self._scopes[k].size()):
+                forgotten = self._scopes[other]
+                self._entries -= forgotten.size()
+                forgotten.meters.clear()
+                forgotten.customers.clear()
+                if other != scope:
+                    del self._scopes[other]
+                if self._entries + n <= self.max_entries:
+                    break
         return True
+
+    def _added(self, n: int) -> None:
+        self._entries += n
 
     def __len__(self) -> int:
         return self._entries
@@ -111,8 +121,10 @@ class CatalogView:
         if missing:
             found = await repository.known_meters(conn, scope.tenant_id, scope.environment,
                                                   missing)
-            if found and self._cache._take(scope, remembered, len(found)):
+            if found and self._cache._room(scope, remembered, len(found)):
+                before = len(remembered.meters)  # another request may have added some
                 remembered.meters |= found
+                self._cache._added(len(remembered.meters) - before)
             known |= found
         return known
 
@@ -139,7 +151,9 @@ class CatalogView:
             found = await repository.known_customers(conn, scope.tenant_id, scope.environment,
                                                      missing)
             out.update(found)
-            if self._cache._take(scope, remembered, len(missing)):
+            if self._cache._room(scope, remembered, len(missing)):
+                before = len(seen)  # another request may have added some of them
                 for ref in missing:
                     seen[ref] = found.get(ref)
+                self._cache._added(len(seen) - before)
         return out

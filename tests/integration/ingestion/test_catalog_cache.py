@@ -158,3 +158,35 @@ async def test_nothing_is_kept_while_the_catalog_is_rebuilt(ingestion: Ingestion
     # kept, the meter would have been known: the read model it came from is empty now
     assert r.json()["results"][0]["code"] == "unknown_meter"
     assert lookups.meters[0] == {"api_calls"} and len(lookups.meters) > 1
+
+
+async def test_scopes_with_a_catalog_before_the_upgrade_get_a_version(fresh_database: str,
+                                                                     tmp_path):
+    """Migration 0005 gives every scope that already has customers, meters or clocks a
+    version, so that its workers keep what they read from the first request on."""
+    import shutil
+
+    from billstream_ingestion.bootstrap import MIGRATIONS
+    from billstream_messaging.host import MESSAGING_MIGRATIONS, RUNTIME_MIGRATIONS
+    from billstream_runtime import db
+
+    before = tmp_path / MIGRATIONS.parent.name / MIGRATIONS.name  # same names as the real
+    before.mkdir(parents=True)
+    for path in sorted(MIGRATIONS.glob("*.sql")):
+        if path.name < "0005":
+            shutil.copy(path, before / path.name)
+    pool = await db.create_pool(fresh_database, min_size=1, max_size=2)
+    try:
+        await db.migrate(pool, RUNTIME_MIGRATIONS, MESSAGING_MIGRATIONS, before)
+        await pool.execute("INSERT INTO customers VALUES ('ten_a', 'live', 'cus_1', 'a', NULL)")
+        await pool.execute("INSERT INTO meters VALUES ('ten_b', 'test', 'api_calls', 'mtr_1')")
+        await pool.execute("INSERT INTO meters VALUES ('ten_a', 'live', 'api_calls', 'mtr_2')")
+        applied = await db.migrate(pool, RUNTIME_MIGRATIONS, MESSAGING_MIGRATIONS, MIGRATIONS)
+        assert [a for a in applied if "catalog" in a] == [
+            "billstream_ingestion/0005_catalog_versions.sql"]
+        rows = await pool.fetch("SELECT * FROM catalog_versions ORDER BY tenant_id")
+        assert [(r["tenant_id"], r["environment"]) for r in rows] == [
+            ("ten_a", "live"), ("ten_b", "test")]
+        assert rows[0]["version"] != rows[1]["version"]
+    finally:
+        await pool.close()

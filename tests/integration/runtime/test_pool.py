@@ -94,28 +94,49 @@ async def test_the_migration_lock_is_free_after_migrate_succeeds_or_fails(
         await pool.close()
 
 
-async def test_a_connection_that_may_still_hold_the_migration_lock_is_closed(
-        fresh_database: str, tmp_path: Path, monkeypatch):
-    """The unlock itself fails (here: refused by the server for a wrong lock id): the
-    connection, which holds the lock, is closed rather than put back in the pool, so the
-    lock is free for the next replica."""
+async def test_the_connection_migrations_ran_on_is_not_given_back(fresh_database: str,
+                                                                  tmp_path: Path):
+    """It held the migration lock and may hold what a migration set for its session: it is
+    closed, and the next user of the pool gets a fresh session."""
+    migrations = tmp_path / "svc" / "migrations"
+    migrations.mkdir(parents=True)
+    (migrations / "0001_sets.sql").write_text(
+        "SET statement_timeout = 1234; CREATE TABLE a (i int);")
+    pool = await db.create_pool(fresh_database, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            before = await conn.fetchval("SELECT pg_backend_pid()")
+        await db.migrate(pool, migrations)
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT pg_backend_pid()") != before
+            assert await conn.fetchval("SHOW statement_timeout") == "0"
+            assert not await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                " AND pid = pg_backend_pid()")
+        assert await _lock_is_free(fresh_database)
+    finally:
+        await pool.close()
+
+
+async def test_a_migration_cut_short_while_waiting_for_the_lock_leaves_it_free(
+        fresh_database: str, tmp_path: Path):
+    """Another replica migrates (holds the lock); this one's start is cancelled while it
+    waits. Once the other is done, the lock is free: the waiting session went away."""
     migrations = tmp_path / "svc" / "migrations"
     migrations.mkdir(parents=True)
     (migrations / "0001_ok.sql").write_text("CREATE TABLE a (i int);")
+    other = await asyncpg.connect(fresh_database)
     pool = await db.create_pool(fresh_database, min_size=1, max_size=1)
-    original = asyncpg.connection.Connection.execute
-
-    async def failing_unlock(self, query, *args, **kwargs):
-        if "pg_advisory_unlock" in query:
-            raise asyncpg.InterfaceError("the unlock did not go through")
-        return await original(self, query, *args, **kwargs)
-
     try:
-        monkeypatch.setattr(asyncpg.connection.Connection, "execute", failing_unlock)
-        with pytest.raises(asyncpg.InterfaceError):
-            await db.migrate(pool, migrations)
-        monkeypatch.undo()
+        await other.execute("SELECT pg_advisory_lock($1)", db._MIGRATION_LOCK)
+        waiting = asyncio.create_task(db.migrate(pool, migrations))
+        await asyncio.sleep(0.3)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await other.execute("SELECT pg_advisory_unlock($1)", db._MIGRATION_LOCK)
         assert await _lock_is_free(fresh_database)
-        assert await pool.fetchval("SELECT count(*) FROM schema_migrations") == 1
+        assert await db.migrate(pool, migrations) == ["svc/0001_ok.sql"]
     finally:
+        await other.close()
         await pool.close()

@@ -116,7 +116,7 @@ async def test_scopes_are_remembered_apart(model):
     assert b["acme"].customer_id == "cus_9"
 
 
-async def test_when_full_everything_is_forgotten_and_the_limit_holds(model):
+async def test_when_full_the_largest_scopes_are_forgotten_and_the_limit_holds(model):
     model.add_customer(SCOPE, "acme", "cus_1")
     model.add_customer(OTHER, "x", "cus_9")
     cache = CatalogCache(max_entries=3)
@@ -125,7 +125,7 @@ async def test_when_full_everything_is_forgotten_and_the_limit_holds(model):
     view = await cache.view(None, SCOPE)
     assert await view.known_customers(None, {"acme", "b"}) == {
         "acme": KnownCustomer("cus_1", "acme", None)}
-    assert len(cache) == 2  # OTHER was forgotten to make room
+    assert len(cache) == 2  # OTHER, the larger, was forgotten to make room
     await (await cache.view(None, OTHER)).known_customers(None, {"x"})
     assert model.customer_lookups[-1] == ["x"]
     # more than the limit in one request: answered, not remembered
@@ -156,3 +156,46 @@ async def test_uncached_view_always_asks(model):
             "acme": KnownCustomer("cus_1", "acme", None)}
     assert model.customer_lookups == [["acme"], ["acme"]]
     assert catalog_module.DEFAULT_MAX_ENTRIES >= 10_000
+
+
+async def test_a_tenant_naming_ever_new_customers_forgets_its_own_first(model):
+    model.add_customer(SCOPE, "acme", "cus_1")
+    model.versions[("ten_b", "test")] = 1
+    cache = CatalogCache(max_entries=10)
+    await (await cache.view(None, SCOPE)).known_customers(None, {"acme"})
+    for batch in range(5):  # OTHER sends 4 new unknown references each time
+        await (await cache.view(None, OTHER)).known_customers(
+            None, {f"new-{batch}-{i}" for i in range(4)})
+        assert len(cache) <= 10
+    lookups = len(model.customer_lookups)
+    await (await cache.view(None, SCOPE)).known_customers(None, {"acme"})
+    assert len(model.customer_lookups) == lookups  # SCOPE's customer is still kept
+
+
+async def test_two_requests_fetching_the_same_references_count_them_once(model,
+                                                                          monkeypatch):
+    """Both find the same references missing and ask for them at the same time: they are
+    kept once, and counted once."""
+    import asyncio
+
+    model.add_customer(SCOPE, "acme", "cus_1")
+    gate = asyncio.Event()
+    asked = []
+    real = model.known_customers
+
+    async def slow_known_customers(conn, tenant_id, environment, refs):
+        asked.append(1)
+        await gate.wait()
+        return await real(conn, tenant_id, environment, refs)
+
+    monkeypatch.setattr(repository, "known_customers", slow_known_customers)
+    cache = CatalogCache()
+    first, second = await cache.view(None, SCOPE), await cache.view(None, SCOPE)
+    both = asyncio.gather(first.known_customers(None, {"acme", "x"}),
+                          second.known_customers(None, {"acme", "x"}))
+    while len(asked) < 2:
+        await asyncio.sleep(0)
+    gate.set()
+    a, b = await both
+    assert a == b == {"acme": KnownCustomer("cus_1", "acme", None)}
+    assert len(cache) == 2

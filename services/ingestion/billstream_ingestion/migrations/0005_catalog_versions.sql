@@ -9,3 +9,11 @@ CREATE TABLE IF NOT EXISTS catalog_versions (
     version     bigint NOT NULL,
     PRIMARY KEY (tenant_id, environment)
 );
+-- Scopes with a catalog already: a version each, or their workers would keep nothing until
+-- their catalog next changes.
+INSERT INTO catalog_versions (tenant_id, environment, version)
+SELECT tenant_id, environment, nextval('catalog_version_seq')
+  FROM (SELECT tenant_id, environment FROM customers
+        UNION SELECT tenant_id, environment FROM meters
+        UNION SELECT tenant_id, environment FROM test_clocks) AS scopes
+ON CONFLICT DO NOTHING;
