@@ -3,8 +3,8 @@ process while the scope's catalog version stands.
 
 Every request (and every poll of the Kafka input) needs its events' meters and customers. For
 a batch of 1,000 events naming 1,000 customers that was one statement probing two indexes a
-thousand times each: with 100,000 customers, 7–9 ms of PostgreSQL's CPU per batch (about as
-much as claiming the keys) and 1–1.7 ms of the worker's. Customers and meters change rarely
+thousand times each: with 100,000 customers, 6.7–9.1 ms of PostgreSQL's CPU per batch (about as
+much as claiming the keys) and 1.2–1.7 ms of the worker's. Customers and meters change rarely
 next to the usage that names them, so a worker remembers the answers and asks PostgreSQL
 only for the scope's version (one primary-key read) and for what it has not seen.
 
