@@ -529,6 +529,13 @@ def broker_pid(bootstrap: str) -> int | None:
     return None
 
 
+#: The usage events in a log row (a `usage.batch_accepted` holds many, an older
+#: `usage.accepted` one), and the rows that hold usage.
+_USAGES_IN_ROW = ("CASE type WHEN 'usage.batch_accepted' THEN jsonb_array_length("
+                  "convert_from(envelope, 'UTF8')::jsonb -> 'data' -> 'usages') ELSE 1 END")
+_USAGE_ROWS = "type IN ('usage.batch_accepted', 'usage.accepted')"
+
+
 class IngestionDb:
     def __init__(self, pool: asyncpg.Pool, tenant_id: str) -> None:
         self.pool = pool
@@ -545,10 +552,8 @@ class IngestionDb:
         """Usage events in the log rows after `after_seq` (up to `upto_seq`; a
         `usage.batch_accepted` holds many, an older `usage.accepted` one)."""
         return await self.pool.fetchval(
-            "SELECT coalesce(sum(CASE type WHEN 'usage.batch_accepted' THEN jsonb_array_length("
-            "convert_from(envelope, 'UTF8')::jsonb -> 'data' -> 'usages') ELSE 1 END), 0)"
-            " FROM event_log WHERE seq > $1 AND seq <= $2 AND type IN"
-            " ('usage.batch_accepted', 'usage.accepted')", after_seq,
+            f"SELECT coalesce(sum({_USAGES_IN_ROW}), 0) FROM event_log"
+            f" WHERE seq > $1 AND seq <= $2 AND {_USAGE_ROWS}", after_seq,
             upto_seq if upto_seq is not None else 2**62)
 
     async def sustained_rate(self, samples: list[tuple[float, int, int]], head0: int,
@@ -557,10 +562,8 @@ class IngestionDb:
         after log position `head0`: when the first became durable, and the rate between the
         first samples showing 10% and 90% of them durable."""
         rows = await self.pool.fetch(
-            "SELECT seq, CASE type WHEN 'usage.batch_accepted' THEN jsonb_array_length("
-            "convert_from(envelope, 'UTF8')::jsonb -> 'data' -> 'usages') ELSE 1 END AS n"
-            " FROM event_log WHERE seq > $1 AND type IN"
-            " ('usage.batch_accepted', 'usage.accepted') ORDER BY seq", head0)
+            f"SELECT seq, {_USAGES_IN_ROW} AS n FROM event_log"
+            f" WHERE seq > $1 AND {_USAGE_ROWS} ORDER BY seq", head0)
         seqs, totals, total = [], [], 0
         for r in rows:
             total += r["n"]

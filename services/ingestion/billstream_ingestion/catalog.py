@@ -52,8 +52,6 @@ class CatalogCache:
         self.max_entries = max_entries
         self._scopes: dict[Scope, _Remembered] = {}
         self._entries = 0
-        self.hits = 0  # references and meter codes answered from memory
-        self.misses = 0  # … and asked of PostgreSQL
 
     async def view(self, conn: Conn, scope: Scope) -> CatalogView:
         """The scope as of its current version: read it, then drop what was remembered at
@@ -110,29 +108,27 @@ class CatalogView:
 
     async def known_meters(self, conn: Conn, codes: set[str]) -> set[str]:
         """As repository.known_meters: which of `codes` are meters of the scope."""
-        remembered, scope = self._remembered, self._scope
-        if remembered is None or self._cache is None:
+        remembered, scope, cache = self._remembered, self._scope, self._cache
+        if remembered is None or cache is None:  # uncached, or a scope without a version
             return await repository.known_meters(conn, scope.tenant_id, scope.environment,
                                                  codes)
         known = codes & remembered.meters
         missing = codes - known
-        self._cache.hits += len(known)
-        self._cache.misses += len(missing)
         if missing:
             found = await repository.known_meters(conn, scope.tenant_id, scope.environment,
                                                   missing)
-            if found and self._cache._room(scope, remembered, len(found)):
+            if found and cache._room(scope, remembered, len(found)):
                 before = len(remembered.meters)  # another request may have added some
                 remembered.meters |= found
-                self._cache._added(len(remembered.meters) - before)
+                cache._added(len(remembered.meters) - before)
             known |= found
         return known
 
     async def known_customers(self, conn: Conn, refs: Collection[str]
                               ) -> dict[str, KnownCustomer]:
         """As repository.known_customers: the customers named by `refs`, by ref."""
-        remembered, scope = self._remembered, self._scope
-        if remembered is None or self._cache is None:
+        remembered, scope, cache = self._remembered, self._scope, self._cache
+        if remembered is None or cache is None:  # uncached, or a scope without a version
             return await repository.known_customers(conn, scope.tenant_id, scope.environment,
                                                     refs)
         seen = remembered.customers
@@ -145,15 +141,13 @@ class CatalogView:
                     out[ref] = customer
             else:
                 missing.append(ref)
-        self._cache.hits += len(refs) - len(missing)
-        self._cache.misses += len(missing)
         if missing:
             found = await repository.known_customers(conn, scope.tenant_id, scope.environment,
                                                      missing)
             out.update(found)
-            if self._cache._room(scope, remembered, len(missing)):
+            if cache._room(scope, remembered, len(missing)):
                 before = len(seen)  # another request may have added some of them
                 for ref in missing:
                     seen[ref] = found.get(ref)
-                self._cache._added(len(seen) - before)
+                cache._added(len(seen) - before)
         return out

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from billstream_runtime import db
+from billstream_testing.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -20,13 +21,10 @@ async def _last_query(dsn: str, pid: int) -> str:
     """What the backend `pid` ran last, as PostgreSQL reports it (waiting until it is idle)."""
     conn = await asyncpg.connect(dsn)
     try:
-        for _ in range(200):
-            row = await conn.fetchrow(
-                "SELECT state, query FROM pg_stat_activity WHERE pid = $1", pid)
-            if row["state"] == "idle":
-                return row["query"]
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"backend {pid} never went idle: {row}")
+        row = await eventually(lambda: conn.fetchrow(
+            "SELECT query FROM pg_stat_activity WHERE pid = $1 AND state = 'idle'", pid),
+            message=f"backend {pid} idle")
+        return row["query"]
     finally:
         await conn.close()
 
@@ -130,7 +128,10 @@ async def test_a_migration_cut_short_while_waiting_for_the_lock_leaves_it_free(
     try:
         await other.execute("SELECT pg_advisory_lock($1)", db._MIGRATION_LOCK)
         waiting = asyncio.create_task(db.migrate(pool, migrations))
-        await asyncio.sleep(0.3)
+        await eventually(lambda: other.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"),
+            message="migrate waiting for the lock")
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting

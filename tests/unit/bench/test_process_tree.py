@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 
 import psutil
 
@@ -12,14 +11,14 @@ from bench.ingestion import descendants, with_workers
 
 
 def test_descendants_are_every_process_below_including_grandchildren():
-    # a shell with two children, one of which has a child of its own
-    tree = subprocess.Popen(["bash", "-c", "sleep 30 & (sleep 30 & wait) & wait"])
+    # a shell with two children, one of which has a child of its own; the inner one says
+    # "ready" once it has forked its child (the outer shell forked the first one before it)
+    tree = subprocess.Popen(["bash", "-c", "sleep 30 & (sleep 30 & echo ready; wait) & wait"],
+                            stdout=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 10
-        while len(psutil.Process(tree.pid).children(recursive=True)) < 3:
-            assert time.monotonic() < deadline, "the process tree never formed"
-            time.sleep(0.02)
+        assert tree.stdout.readline() == "ready\n"
         expected = sorted(c.pid for c in psutil.Process(tree.pid).children(recursive=True))
+        assert len(expected) == 3
         assert sorted(descendants(tree.pid)) == expected
         workers = with_workers(tree.pid)
         assert workers[0] == tree.pid and sorted(workers[1:]) == expected

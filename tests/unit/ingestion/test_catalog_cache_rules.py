@@ -66,7 +66,7 @@ async def test_customers_found_and_not_found_are_remembered_at_their_version(mod
         "acme": KnownCustomer("cus_1", "acme", None)}
     # the first request asked for both, the third only for the one never seen
     assert model.customer_lookups == [["acme", "nobody"], ["new-one"]]
-    assert (cache.hits, cache.misses, len(cache)) == (3, 3, 3)
+    assert len(cache) == 3
 
 
 async def test_a_new_version_forgets_what_was_remembered(model):
@@ -179,12 +179,14 @@ async def test_two_requests_fetching_the_same_references_count_them_once(model,
     import asyncio
 
     model.add_customer(SCOPE, "acme", "cus_1")
-    gate = asyncio.Event()
+    gate, both_asked = asyncio.Event(), asyncio.Event()
     asked = []
     real = model.known_customers
 
     async def slow_known_customers(conn, tenant_id, environment, refs):
         asked.append(1)
+        if len(asked) == 2:
+            both_asked.set()
         await gate.wait()
         return await real(conn, tenant_id, environment, refs)
 
@@ -193,8 +195,7 @@ async def test_two_requests_fetching_the_same_references_count_them_once(model,
     first, second = await cache.view(None, SCOPE), await cache.view(None, SCOPE)
     both = asyncio.gather(first.known_customers(None, {"acme", "x"}),
                           second.known_customers(None, {"acme", "x"}))
-    while len(asked) < 2:
-        await asyncio.sleep(0)
+    await asyncio.wait_for(both_asked.wait(), 10)
     gate.set()
     a, b = await both
     assert a == b == {"acme": KnownCustomer("cus_1", "acme", None)}
