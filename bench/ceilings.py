@@ -1,22 +1,31 @@
 """The ceilings of this machine that later figures are compared to: raw broker produce and
 consume rates with the same client library the services use (aiokafka: per-message `send` and
 its batch API), and PostgreSQL bulk insert rates (COPY and batched INSERT) for usage-sized rows.
-The consumer reads both produced sets (2 × BENCH_CEILING_MESSAGES)."""
+The consumer reads both produced sets (2 × BENCH_CEILING_MESSAGES).
+
+Also what a database's collation costs the dedup key insert: COPY of rows shaped like
+ingestion's `usage_keys` (primary key on tenant, environment and idempotency key), into a table
+whose key columns compare as bytes (COLLATE "C", what Billstream creates its databases with) and
+into one under a linguistic collation (en_US.utf8 where the server has it, else C.UTF-8; most
+clusters default to one of these), BENCH_CEILING_KEY_ROWS each, alternated."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import asyncpg
+import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 N_MESSAGES = int(os.environ.get("BENCH_CEILING_MESSAGES", "200000"))
 N_ROWS = int(os.environ.get("BENCH_CEILING_ROWS", "200000"))
+N_KEY_ROWS = int(os.environ.get("BENCH_CEILING_KEY_ROWS", "150000"))
 # A usage.accepted envelope is ~600 bytes of JSON.
 PAYLOAD = b'{"id":"evt_01JD000000000000000000000","type":"usage.accepted",' + b"x" * 540 + b"}"
 
@@ -119,8 +128,79 @@ async def postgres_bulk_insert(dsn: str) -> dict:
     }
 
 
+async def postgres_key_copy_by_collation(dsn: str) -> dict:
+    conn = await asyncpg.connect(dsn)
+    try:
+        names = {r["collname"].lower(): r["collname"] for r in await conn.fetch(
+            "SELECT collname FROM pg_collation WHERE collprovider = 'c'"
+            " AND lower(collname) IN ('en_us.utf8', 'c.utf8')")}
+        linguistic = names.get("en_us.utf8") or names.get("c.utf8")
+        if linguistic is None:
+            return {"skipped": "the server has neither en_US.utf8 nor C.UTF-8"}
+        backend = _local_backend(await conn.fetchval("SELECT pg_backend_pid()"))
+        now = datetime.now(UTC)
+        rng = random.Random(7)
+        keys = [f"req-{rng.getrandbits(64):016x}" for _ in range(N_KEY_ROWS)]
+        figures: dict[str, list[tuple[float, float]]] = {"C": [], linguistic: []}
+        for _ in range(2):  # alternated: a slow turn of the machine hits both
+            for collation in figures:
+                await conn.execute(
+                    "DROP TABLE IF EXISTS bench_keys; CREATE TABLE bench_keys ("
+                    f' tenant_id text COLLATE "{collation}", environment text COLLATE'
+                    f' "{collation}", idempotency_key text COLLATE "{collation}",'
+                    " payload_hash text, usage_id text, event_id text, customer text,"
+                    " event_time timestamptz, created_at timestamptz DEFAULT now(),"
+                    " PRIMARY KEY (tenant_id, environment, idempotency_key))")
+                cpu0, started = _cpu(backend), time.perf_counter()
+                for i in range(0, N_KEY_ROWS, 5000):  # ingestion's batches, sorted as it does
+                    await conn.copy_records_to_table("bench_keys", columns=(
+                        "tenant_id", "environment", "idempotency_key", "payload_hash",
+                        "usage_id", "event_id", "customer", "event_time"), records=[
+                        ("ten_01JBENCH0000000000000000", "live", key, "0" * 64,
+                         f"use_{n:026d}", "evt_01JBENCH0000000000000000", "bench-cust-0001",
+                         now) for n, key in enumerate(sorted(keys[i:i + 5000]), start=i)])
+                figures[collation].append((time.perf_counter() - started,
+                                           _cpu(backend) - cpu0))
+        await conn.execute("DROP TABLE bench_keys")
+    finally:
+        await conn.close()
+    rows = 2 * N_KEY_ROWS
+    wall = {c: sum(w for w, _ in f) for c, f in figures.items()}
+    out = {
+        "key_rows": rows,
+        "key_copy_linguistic_collation": linguistic,
+        "key_copy_c_rows_per_s": round(rows / wall["C"]),
+        "key_copy_linguistic_rows_per_s": round(rows / wall[linguistic]),
+    }
+    if backend is not None:  # a server on this machine: its backend's CPU too
+        cpu = {c: sum(u for _, u in f) for c, f in figures.items()}
+        out |= {
+            "key_copy_c_postgres_us_per_row": round(cpu["C"] / rows * 1e6, 2),
+            "key_copy_linguistic_postgres_us_per_row": round(cpu[linguistic] / rows * 1e6, 2),
+            "key_copy_linguistic_vs_c_postgres_cpu": round(cpu[linguistic] / cpu["C"], 3),
+        }
+    return out
+
+
+def _local_backend(pid: int) -> psutil.Process | None:
+    """The backend serving this connection when the server runs on this machine."""
+    try:
+        process = psutil.Process(pid)
+        return process if "postgres" in process.name() else None
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _cpu(process: psutil.Process | None) -> float:
+    if process is None:
+        return 0.0
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 async def run(ctx) -> dict:
     return {
         "broker": await broker_produce_consume(ctx.kafka_bootstrap),
-        "postgres": await postgres_bulk_insert(ctx.database_url("bench")),
+        "postgres": {**await postgres_bulk_insert(ctx.database_url("bench")),
+                     **await postgres_key_copy_by_collation(ctx.database_url("bench"))},
     }

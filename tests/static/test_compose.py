@@ -167,7 +167,9 @@ def test_postgres_creates_every_service_database(compose: dict[str, Any], postgr
             env_map(_container(compose, service)[1]["environment"])[service_env(service)[0]]
         )
         database = url.path.lstrip("/")
-        assert re.search(rf"CREATE DATABASE {database} OWNER {url.username};", sql), database
+        # byte-order collation (db.create_database_sql): the image's default is en_US.utf8
+        assert re.search(rf"CREATE DATABASE {database} OWNER {url.username}\s+TEMPLATE template0"
+                         r" ENCODING 'UTF8' LOCALE_PROVIDER libc LC_COLLATE 'C';", sql), database
         assert f"CREATE ROLE {url.username} LOGIN PASSWORD '{url.password}';" in sql
     assert "pg_isready" in " ".join(spec["healthcheck"]["test"])
 

@@ -21,6 +21,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import psutil
+from billstream_runtime import db
 
 from billstream_localstack._proc import (
     LOOPBACK,
@@ -79,20 +80,12 @@ def dsn_for_database(server_dsn: str, database: str) -> str:
 
 
 async def create_database(server_dsn: str, name: str) -> bool:
-    """Create database `name` on the server of `server_dsn` unless it exists.
-
-    Returns True when it was created, False when it was already there.
-    """
+    """Create database `name` on the server of `server_dsn` unless it exists, with byte-order
+    collation (db.create_database). Returns True when it was created, False when it was
+    already there."""
     conn = await asyncpg.connect(server_dsn)
     try:
-        if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
-            return False
-        quoted = '"' + name.replace('"', '""') + '"'
-        try:
-            await conn.execute(f"CREATE DATABASE {quoted}")
-        except asyncpg.DuplicateDatabaseError:  # created concurrently
-            return False
-        return True
+        return await db.create_database(conn, name)
     finally:
         await conn.close()
 
@@ -117,6 +110,7 @@ class EmbeddedPostgres:
 
     The data directory survives restarts; `port=0` picks a free port and later runs on the
     same data directory prefer the port they used before (kept in `<data_dir>.port`).
+    `locale` is initdb's (the default "C" compares text as bytes; see db.collation_note).
     """
 
     def __init__(
@@ -127,6 +121,7 @@ class EmbeddedPostgres:
         *,
         startup_timeout: float = 60.0,
         stop_timeout: float = 30.0,
+        locale: str = "C",
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.log_path = log_path or self.data_dir.with_name(f"{self.data_dir.name}.log")
@@ -136,6 +131,7 @@ class EmbeddedPostgres:
         self._proc: subprocess.Popen[bytes] | None = None
         self._startup_timeout = startup_timeout
         self._stop_timeout = stop_timeout
+        self._locale = locale  # initdb's: the cluster's default for databases it creates
         self._user = _ensure_system_user() if os.geteuid() == 0 else None
 
     @property
@@ -225,7 +221,8 @@ class EmbeddedPostgres:
         scratch.mkdir(mode=0o700, parents=True)
         self._give_to_user(scratch)
         argv = [str(bin_dir() / "initdb"), "-D", str(scratch), "-U", "postgres"]
-        argv += ["--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions"]
+        argv += ["--auth=trust", "--encoding=UTF8", f"--locale={self._locale}",
+                 "--no-instructions"]
         start = log_size(self.log_path)
         proc = spawn(argv, log_path=self.log_path, user=self._user, cwd=scratch)
         if proc.wait() != 0:

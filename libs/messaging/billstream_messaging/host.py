@@ -110,6 +110,9 @@ class ServiceHost:
         applied = await db.migrate(self.pool, *self.migrations)
         if applied:
             self.log.info("migrated", applied=applied)
+        note = await db.collation_note(self.pool)
+        if note is not None:
+            self.log.warning("database_collation_slow", note=note)
         return self.pool
 
     async def start(self, *, serve_http: bool = True,
