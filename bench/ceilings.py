@@ -7,7 +7,8 @@ Also what a database's collation costs the dedup key insert: COPY of rows shaped
 ingestion's `usage_keys` (primary key on tenant, environment and idempotency key), into a table
 whose key columns compare as bytes (COLLATE "C", what Billstream creates its databases with) and
 into one under a linguistic collation (en_US.utf8 where the server has it, else C.UTF-8; most
-clusters default to one of these), BENCH_CEILING_KEY_ROWS each, alternated."""
+clusters default to one of these), BENCH_CEILING_KEY_ROWS twice each (C, other, other,
+C), PostgreSQL's CPU per row where the server runs on this machine."""
 
 from __future__ import annotations
 
@@ -133,47 +134,49 @@ async def postgres_key_copy_by_collation(dsn: str) -> dict:
     try:
         names = {r["collname"].lower(): r["collname"] for r in await conn.fetch(
             "SELECT collname FROM pg_collation WHERE collprovider = 'c'"
-            " AND lower(collname) IN ('en_us.utf8', 'c.utf8')")}
+            " AND lower(collname) IN ('en_us.utf8', 'c.utf8') AND collencoding IN (-1,"
+            " (SELECT encoding FROM pg_database WHERE datname = current_database()))")}
         linguistic = names.get("en_us.utf8") or names.get("c.utf8")
         if linguistic is None:
-            return {"skipped": "the server has neither en_US.utf8 nor C.UTF-8"}
-        backend = _local_backend(await conn.fetchval("SELECT pg_backend_pid()"))
+            return {"key_copy_skipped": "the server has neither en_US.utf8 nor C.UTF-8"}
+        backend = await _local_backend(conn)
         now = datetime.now(UTC)
         rng = random.Random(7)
         keys = [f"req-{rng.getrandbits(64):016x}" for _ in range(N_KEY_ROWS)]
+        batches = [  # ingestion's batches of 5,000, sorted as it sorts them
+            [("ten_01JBENCH0000000000000000", "live", key, "0" * 64, f"use_{n:026d}",
+              "evt_01JBENCH0000000000000000", "bench-cust-0001", now)
+             for n, key in enumerate(sorted(keys[i:i + 5000]), start=i)]
+            for i in range(0, N_KEY_ROWS, 5000)]
         figures: dict[str, list[tuple[float, float]]] = {"C": [], linguistic: []}
-        for _ in range(2):  # alternated: a slow turn of the machine hits both
-            for collation in figures:
-                await conn.execute(
-                    "DROP TABLE IF EXISTS bench_keys; CREATE TABLE bench_keys ("
-                    f' tenant_id text COLLATE "{collation}", environment text COLLATE'
-                    f' "{collation}", idempotency_key text COLLATE "{collation}",'
-                    " payload_hash text, usage_id text, event_id text, customer text,"
-                    " event_time timestamptz, created_at timestamptz DEFAULT now(),"
-                    " PRIMARY KEY (tenant_id, environment, idempotency_key))")
-                cpu0, started = _cpu(backend), time.perf_counter()
-                for i in range(0, N_KEY_ROWS, 5000):  # ingestion's batches, sorted as it does
-                    await conn.copy_records_to_table("bench_keys", columns=(
-                        "tenant_id", "environment", "idempotency_key", "payload_hash",
-                        "usage_id", "event_id", "customer", "event_time"), records=[
-                        ("ten_01JBENCH0000000000000000", "live", key, "0" * 64,
-                         f"use_{n:026d}", "evt_01JBENCH0000000000000000", "bench-cust-0001",
-                         now) for n, key in enumerate(sorted(keys[i:i + 5000]), start=i)])
-                figures[collation].append((time.perf_counter() - started,
-                                           _cpu(backend) - cpu0))
+        # C, other, other, C: a warm-up or a slow turn of the machine weighs on both alike
+        for collation in ("C", linguistic, linguistic, "C"):
+            await conn.execute(
+                "DROP TABLE IF EXISTS bench_keys; CREATE TABLE bench_keys ("
+                f' tenant_id text COLLATE "{collation}", environment text COLLATE'
+                f' "{collation}", idempotency_key text COLLATE "{collation}",'
+                " payload_hash text, usage_id text, event_id text, customer text,"
+                " event_time timestamptz, created_at timestamptz DEFAULT now(),"
+                " PRIMARY KEY (tenant_id, environment, idempotency_key))")
+            cpu0, started = _cpu(backend), time.perf_counter()
+            for batch in batches:
+                await conn.copy_records_to_table("bench_keys", columns=(
+                    "tenant_id", "environment", "idempotency_key", "payload_hash",
+                    "usage_id", "event_id", "customer", "event_time"), records=batch)
+            figures[collation].append((time.perf_counter() - started, _cpu(backend) - cpu0))
         await conn.execute("DROP TABLE bench_keys")
     finally:
         await conn.close()
     rows = 2 * N_KEY_ROWS
     wall = {c: sum(w for w, _ in f) for c, f in figures.items()}
-    out = {
-        "key_rows": rows,
+    cpu = {c: sum(u for _, u in f) for c, f in figures.items()}
+    out: dict = {
+        "key_rows_per_collation": rows,
         "key_copy_linguistic_collation": linguistic,
         "key_copy_c_rows_per_s": round(rows / wall["C"]),
         "key_copy_linguistic_rows_per_s": round(rows / wall[linguistic]),
     }
-    if backend is not None:  # a server on this machine: its backend's CPU too
-        cpu = {c: sum(u for _, u in f) for c, f in figures.items()}
+    if backend is not None and cpu["C"] > 0:  # a server on this machine: its backend's CPU
         out |= {
             "key_copy_c_postgres_us_per_row": round(cpu["C"] / rows * 1e6, 2),
             "key_copy_linguistic_postgres_us_per_row": round(cpu[linguistic] / rows * 1e6, 2),
@@ -182,19 +185,28 @@ async def postgres_key_copy_by_collation(dsn: str) -> dict:
     return out
 
 
-def _local_backend(pid: int) -> psutil.Process | None:
-    """The backend serving this connection when the server runs on this machine."""
+async def _local_backend(conn: asyncpg.Connection) -> psutil.Process | None:
+    """The process of the backend serving `conn` when the server runs on this machine (not
+    a process that only has its pid, as a server in a container would)."""
+    row = await conn.fetchrow(
+        "SELECT pid, extract(epoch FROM backend_start)::float8 AS started"
+        " FROM pg_stat_activity WHERE pid = pg_backend_pid()")
     try:
-        process = psutil.Process(pid)
-        return process if "postgres" in process.name() else None
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
+        process = psutil.Process(row["pid"])
+        if "postgres" in process.name() and abs(process.create_time() - row["started"]) < 2:
+            return process
+    except (psutil.Error, OSError):
+        pass
+    return None
 
 
 def _cpu(process: psutil.Process | None) -> float:
     if process is None:
         return 0.0
-    times = process.cpu_times()
+    try:
+        times = process.cpu_times()
+    except (psutil.Error, OSError):
+        return 0.0
     return times.user + times.system
 
 

@@ -4,8 +4,9 @@
 -- The passwords are for the local compose stack only; they match the DATABASE_URLs in
 -- docker-compose.yml. Point the services at your own PostgreSQL for anything else
 -- (see deploy/README.md).
--- LC_COLLATE 'C': identifiers (ids, idempotency keys) compare as bytes. The image's default
--- (en_US.utf8) would make every index insert of ingested usage compare through strcoll; see
+-- LC_COLLATE 'C': identifiers (ids, idempotency keys) compare as bytes. Under any other
+-- collation (the image's default is en_US.utf8) PostgreSQL compares index entries through
+-- strcoll instead of memcmp on every insert of ingested usage; see
 -- libs/runtime/billstream_runtime/db.py (collation).
 
 CREATE ROLE billstream_ingestion LOGIN PASSWORD 'billstream_ingestion';

@@ -166,13 +166,15 @@ async def ensure_database(dsn: str) -> None:
 # Billstream's indexed text is identifiers — idempotency keys, ids, codes, external ids — which
 # are equal when their bytes are, and are never sorted for a reader. Under a linguistic
 # collation (en_US.UTF-8, the default of the postgres Docker image and of most distributions'
-# clusters; even C.UTF-8) every comparison in a B-tree goes through strcoll instead of memcmp,
-# and every accepted usage inserts into such B-trees (ingestion's key table, metering's usage
-# records). Measured on the key table's shape (bench/ceilings.py, `postgres.key_copy_*`): a
-# COPY of keys cost PostgreSQL 40-50% more CPU per row under C.UTF-8 than under C. Equality is
-# the same under every deterministic collation, so uniqueness (the dedup guarantee) does not
-# depend on it: only the cost does. Databases Billstream creates are created with LC_COLLATE
-# "C"; a database created by an operator is checked when a service starts (`collation_note`).
+# clusters; even C.UTF-8; or any ICU locale) every comparison in a B-tree goes through strcoll
+# (or ICU) instead of memcmp, and every accepted usage inserts into such B-trees (ingestion's
+# key table, metering's usage records). Measured on the key table's shape (bench/ceilings.py,
+# `postgres.key_copy_*`): a COPY of keys cost PostgreSQL 25-50% more CPU per row under
+# C.UTF-8 than under C, more as the table grows (26-31% while it grows to 150,000 keys,
+# 42-49% from 200,000 to 500,000). Equality is the same under every deterministic collation,
+# so uniqueness (the dedup guarantee) does not depend on it: only the cost does. Databases
+# Billstream creates are created with LC_COLLATE "C"; a database created by an operator is
+# checked when a service starts (`collation_note`).
 
 #: Collations under which PostgreSQL compares text with memcmp.
 BYTE_ORDER_COLLATIONS = frozenset({"C", "POSIX"})
@@ -190,42 +192,61 @@ def create_database_sql(name: str, server_version_num: int) -> str:
 
 async def create_database(conn: asyncpg.Connection, name: str) -> bool:
     """Create database `name` (on `conn`'s server) unless it exists: True when created.
-    With byte-order collation (`create_database_sql`); should the server refuse that (a
-    template0 whose character set is not UTF-8), with its defaults, which `collation_note`
-    reports when a service starts."""
+    With byte-order collation (`create_database_sql`), unless template0 compares bytes
+    already (a "C" cluster, PostgreSQL 17's builtin provider: its databases keep that
+    provider's character classification). Should the server refuse the collation (a
+    template0 whose character set is not UTF-8, ICU rules on template0), with its defaults,
+    which `collation_note` reports when a service starts."""
     if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
         return False
     version = int(await conn.fetchval("SHOW server_version_num"))
     quoted = '"' + name.replace('"', '""') + '"'
+    plain = f"CREATE DATABASE {quoted}"
     try:
-        try:
-            await conn.execute(create_database_sql(name, version))
-        except (asyncpg.InvalidParameterValueError, asyncpg.FeatureNotSupportedError,
-                asyncpg.InvalidObjectDefinitionError):
-            await conn.execute(f"CREATE DATABASE {quoted}")
+        if _compares_bytes(await _locale_of(conn, "template0")):
+            await conn.execute(plain)
+        else:
+            try:
+                await conn.execute(create_database_sql(name, version))
+            except (asyncpg.InvalidParameterValueError, asyncpg.FeatureNotSupportedError,
+                    asyncpg.InvalidObjectDefinitionError):
+                await conn.execute(plain)
     except asyncpg.DuplicateDatabaseError:  # created concurrently
         return False
     return True
 
 
+async def _locale_of(conn: asyncpg.Connection | asyncpg.Pool, database: str | None = None):
+    """(name, provider, collate, ICU/builtin locale) of `database` (default: the current
+    one). Through jsonb: datlocprovider exists from PostgreSQL 15 on, and PostgreSQL 17
+    renamed daticulocale to datlocale."""
+    return await conn.fetchrow(
+        "SELECT d.datname, coalesce(to_jsonb(d) ->> 'datlocprovider', 'c') AS provider,"
+        " to_jsonb(d) ->> 'datcollate' AS collate,"
+        " coalesce(to_jsonb(d) ->> 'datlocale', to_jsonb(d) ->> 'daticulocale') AS locale"
+        " FROM pg_database d WHERE d.datname = coalesce($1, current_database())", database)
+
+
+def _compares_bytes(locale) -> bool:
+    """libc "C" or "POSIX", or the builtin provider (PostgreSQL 17+; its collations compare
+    code points, which for UTF-8 is byte order, with memcmp)."""
+    return locale["provider"] == "b" or (
+        locale["provider"] == "c" and locale["collate"] in BYTE_ORDER_COLLATIONS)
+
+
 async def collation_note(conn: asyncpg.Connection | asyncpg.Pool) -> str | None:
     """Why the current database's collation makes text indexes slower, or None when it
-    compares bytes (libc "C" or "POSIX", or PostgreSQL 17's builtin provider)."""
-    row = await conn.fetchrow(
-        # through jsonb: datlocprovider exists from PostgreSQL 15 on
-        "SELECT d.datname, to_jsonb(d) ->> 'datcollate' AS collate,"
-        " to_jsonb(d) ->> 'datlocprovider' AS provider,"
-        " to_jsonb(d) ->> 'daticulocale' AS icu, to_jsonb(d) ->> 'datlocale' AS locale"
-        " FROM pg_database d WHERE d.datname = current_database()")
-    provider = row["provider"] or "c"
-    if provider == "b" or (provider == "c" and row["collate"] in BYTE_ORDER_COLLATIONS):
+    compares bytes (`_compares_bytes`)."""
+    locale = await _locale_of(conn)
+    if _compares_bytes(locale):
         return None
-    collation = (f"ICU locale {row['icu'] or row['locale']}" if provider == "i"
-                 else f"LC_COLLATE {row['collate']}")
-    return (f"database {row['datname']} compares text under {collation}: every index insert "
-            "on ids and idempotency keys costs PostgreSQL more CPU than under \"C\" (40-50% "
-            "more per usage key measured under C.UTF-8). Create Billstream's databases with "
-            "TEMPLATE template0 LC_COLLATE 'C' (deploy/README.md)")
+    collation = (f"ICU locale {locale['locale']}" if locale["provider"] == "i"
+                 else f"LC_COLLATE {locale['collate']}")
+    return (f"database {locale['datname']} compares text under {collation}: every index "
+            "insert on ids and idempotency keys costs PostgreSQL more CPU than under \"C\" "
+            "(25-50% more per usage key under C.UTF-8, bench/README.md). Create Billstream's "
+            "databases with TEMPLATE template0 LC_COLLATE 'C' (and LOCALE_PROVIDER libc from "
+            "PostgreSQL 15 on; deploy/README.md)")
 
 
 def migration_files(*dirs: Path) -> list[tuple[str, Path]]:
