@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 import sys
 import time
@@ -44,6 +45,21 @@ def event_key(prefix: str, i: int) -> str:
     return f"{prefix}-{i}"
 
 
+#: BENCH_EVENT_PROPERTIES=N gives every event N properties (at most 4; default none), as a
+#: producer's events usually carry: {"region": "eu-west-1", "model": "m-7", "tokens": 1234,
+#: "cached": false}. The default stays none, so that figures compare with earlier runs.
+EVENT_PROPERTIES = max(0, min(4, int(os.environ.get("BENCH_EVENT_PROPERTIES", "0"))))
+_REGIONS = ("eu-west-1", "us-east-1", "ap-south-1")
+
+
+def with_properties(event: dict, i: int) -> dict:
+    if EVENT_PROPERTIES:
+        event["properties"] = dict(list({
+            "region": _REGIONS[i % 3], "model": f"m-{i % 11}", "tokens": 1000 + i % 5000,
+            "cached": i % 7 == 0}.items())[:EVENT_PROPERTIES])
+    return event
+
+
 def build_bodies(prefix: str, n_events: int, batch: int, customers: int,
                  seed: int) -> list[bytes]:
     """`{"events": [...]}` bodies of `batch` native events each, unique idempotency keys,
@@ -54,8 +70,9 @@ def build_bodies(prefix: str, n_events: int, batch: int, customers: int,
     bodies = []
     for start in range(0, n_events, batch):
         events = [
-            {"idempotency_key": event_key(prefix, i), "customer": names[rng.randrange(customers)],
-             "meter": "api_calls", "quantity": "1", "timestamp": now}
+            with_properties({"idempotency_key": event_key(prefix, i),
+                             "customer": names[rng.randrange(customers)],
+                             "meter": "api_calls", "quantity": "1", "timestamp": now}, i)
             for i in range(start, min(start + batch, n_events))
         ]
         bodies.append(orjson.dumps({"events": events}))

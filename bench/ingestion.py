@@ -56,6 +56,7 @@ Environment: BENCH_INGEST_EVENTS / BENCH_INGEST_SECONDS (the HTTP run stops at w
 comes first; default 1,000,000 events / 30 s), BENCH_INGEST_CONNECTIONS (16: producers are a
 fleet; with 6 a request waits more than it works, see bench/README.md),
 BENCH_LATENCY_RATE / _BATCH / _SECONDS (20000 / 1000 / 20), BENCH_KAFKA_EVENTS (500,000),
+BENCH_EVENT_PROPERTIES (0: properties per event, up to 4; bench/ingest_load.py),
 BENCH_PROFILE=1 (ingestion under py-spy, else cProfile: results in
 bench/results/ingestion.prof and .txt; figures taken under a profiler are not comparable).
 """
@@ -102,7 +103,7 @@ from billstream_localstack.postgres import create_database, dsn_for_database
 from billstream_localstack.stack import EMBEDDED_BROKER_ENV
 from billstream_messaging.topics import ensure_topics
 
-from bench.ingest_load import event_key, percentile
+from bench.ingest_load import EVENT_PROPERTIES, event_key, percentile, with_properties
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -1080,9 +1081,9 @@ async def preload_raw(bootstrap: str, prefix: str, n: int, api_key: str) -> floa
         by_partition: dict[int, list[tuple[bytes, bytes]]] = {p: [] for p in partitions}
         for i in range(n):
             customer = f"bench-cust-{rng.randrange(CUSTOMERS):04d}".encode()
-            value = orjson.dumps({"idempotency_key": event_key(prefix, i),
-                                  "customer": customer.decode(), "meter": "api_calls",
-                                  "quantity": "1", "timestamp": now})
+            value = orjson.dumps(with_properties({
+                "idempotency_key": event_key(prefix, i), "customer": customer.decode(),
+                "meter": "api_calls", "quantity": "1", "timestamp": now}, i))
             by_partition[partitioner(customer, partitions, partitions)].append((customer, value))
         started = time.monotonic()
         futures = []
@@ -1220,7 +1221,7 @@ async def run(ctx) -> dict:
             "setup": {"seconds": round(setup_s, 1), "services": "ingestion, subscription",
                       "ingestion_workers": int(os.environ.get("BILLSTREAM_INGESTION_WORKERS",
                                                               "2")),
-                      "profiled": PROFILE},
+                      "event_properties": EVENT_PROPERTIES, "profiled": PROFILE},
             "http_batches": http,
             "latency_at_20k": latency,
             "kafka_input": kafka,

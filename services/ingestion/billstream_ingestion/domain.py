@@ -228,6 +228,7 @@ def parse_event(index: int, raw: Any, *, max_properties_bytes: int) -> UsageEven
                 raise EventError("invalid_event", "properties must be a JSON object",
                                  "properties")
             properties: dict[str, Any] = {}
+            hashed: Any = properties
             if max_properties_bytes < 2:  # "{}"
                 raise EventError("properties_too_large", "properties serialize to 2 bytes; "
                                  f"at most {max_properties_bytes} are allowed", "properties")
@@ -236,16 +237,18 @@ def parse_event(index: int, raw: Any, *, max_properties_bytes: int) -> UsageEven
                 raise EventError("invalid_event", "properties must be a JSON object",
                                  "properties")
             properties = json_safe(props_raw, "properties")
-            size = len(canonical_json(properties))
-            if size > max_properties_bytes:
+            canonical = canonical_json(properties)
+            if len(canonical) > max_properties_bytes:
                 raise EventError("properties_too_large",
-                                 f"properties serialize to {size} bytes; at most "
+                                 f"properties serialize to {len(canonical)} bytes; at most "
                                  f"{max_properties_bytes} are allowed", "properties")
+            # the hash takes the same bytes (canonical_json sorts nested keys the same way)
+            hashed = orjson.Fragment(canonical)
     except EventError as err:
         return rejected(index, key, err.code, err.message, err.param)
     return UsageEvent(
         index, key, customer, meter, quantity_text, timestamp, properties,
-        payload_hash(customer, meter, quantity_text, timestamp, properties),
+        payload_hash(customer, meter, quantity_text, timestamp, hashed),
     )
 
 
@@ -379,19 +382,58 @@ def _plain_length(value: Decimal) -> int:
 def json_safe(value: Any, path: str, depth: int = 0) -> Any:
     """Properties as JSON-safe values: exact decimals (non-integer numbers) become normalized
     decimal strings, integers outside 64 bits become strings; NaN/Infinity, unpaired
-    surrogates and nesting deeper than MAX_PROPERTIES_DEPTH are refused."""
+    surrogates and nesting deeper than MAX_PROPERTIES_DEPTH are refused.
+
+    Values that need none of this (what orjson parses from ordinary properties: text, 64-bit
+    integers, booleans, null, shallow objects and arrays) are returned as they are, after one
+    walk that builds nothing; the rest take `_json_safe_walk`, which converts or says why not."""
+    if _is_safe(value, depth):
+        return value
+    return _json_safe_walk(value, path, depth)
+
+
+def _is_safe(value: Any, depth: int) -> bool:
+    """True when `_json_safe_walk` would return `value` unchanged (an equal copy)."""
+    kind = type(value)
+    if kind is dict:
+        if depth >= MAX_PROPERTIES_DEPTH:
+            return False
+        for key, item in value.items():
+            if type(key) is not str or not (key.isascii() or _is_unicode_text(key)):
+                return False
+            kind = type(item)
+            if kind is str:
+                if not (item.isascii() or _is_unicode_text(item)):
+                    return False
+            elif kind is int:
+                if not _INT64[0] <= item <= _INT64[1]:
+                    return False
+            elif not (kind is bool or item is None or _is_safe(item, depth + 1)):
+                return False
+        return True
+    if kind is list:
+        return depth < MAX_PROPERTIES_DEPTH and all(_is_safe(item, depth + 1) for item in value)
+    if kind is str:
+        return value.isascii() or _is_unicode_text(value)
+    if kind is int:
+        return _INT64[0] <= value <= _INT64[1]
+    return kind is bool or value is None
+
+
+def _json_safe_walk(value: Any, path: str, depth: int = 0) -> Any:
+    """json_safe, converting: a copy of `value` with every number made safe, or EventError."""
     if isinstance(value, dict | list):
         if depth >= MAX_PROPERTIES_DEPTH:
             raise EventError("invalid_event", f"{path} nests deeper than "
                              f"{MAX_PROPERTIES_DEPTH} levels", path)
         if isinstance(value, list):
-            return [json_safe(v, path, depth + 1) for v in value]
+            return [_json_safe_walk(v, path, depth + 1) for v in value]
         out = {}
         for k, v in value.items():
             if not k.isascii() and not _is_unicode_text(k):
                 raise EventError("invalid_event", f"{path} has a key with an unpaired "
                                  "surrogate", path)
-            out[k] = json_safe(v, f"{path}.{k}", depth + 1)
+            out[k] = _json_safe_walk(v, f"{path}.{k}", depth + 1)
         return out
     if value is None or isinstance(value, bool):
         return value
@@ -421,10 +463,12 @@ def format_timestamp(value: datetime) -> str:
 
 
 def payload_hash(customer: str, meter: str, quantity: Decimal | str,
-                 timestamp: datetime | None, properties: Mapping[str, Any]) -> str:
+                 timestamp: datetime | None,
+                 properties: Mapping[str, Any] | orjson.Fragment) -> str:
     """What "the same event" means for an idempotency key (see the module docstring).
     `quantity` is a Decimal or its normalized string (normalize_quantity); the timestamp is
-    hashed as its UTC instant (canonical_json writes it like format_timestamp)."""
+    hashed as its UTC instant (canonical_json writes it like format_timestamp); `properties`
+    may come as their canonical_json already (a Fragment), which hashes the same."""
     canonical = canonical_json({
         "customer": customer,
         "meter": meter,

@@ -15,6 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+import orjson
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -665,3 +666,54 @@ def test_loads_refuses_what_the_exact_parser_refuses():
             domain.loads(bad)
     assert isinstance(domain.loads(b'{"q": 1.5}')["q"], Decimal)
     assert type(domain.loads(b'{"q": 15}')["q"]) is int
+
+
+# ---------------------------------------------------------------- json_safe's shortcut
+# json_safe returns values that need no conversion as they are (domain._is_safe) and walks
+# the rest (domain._json_safe_walk). The shortcut must decide exactly as the walk would.
+
+surrogates = st.sampled_from(["\ud800", "a\udfffb", "\udc00\ud800"])
+near_limit = st.integers(min_value=domain.MAX_PROPERTIES_DEPTH - 2,
+                         max_value=domain.MAX_PROPERTIES_DEPTH + 1)
+
+
+def _outcome(fn, value, depth=0):
+    try:
+        return "value", fn(value, "properties", depth)
+    except domain.EventError as err:
+        return "error", err.code, err.param, err.message
+
+
+@props
+@given(st.recursive(st.one_of(json_leaves, surrogates, st.floats()),
+                    lambda children: st.one_of(
+                        st.lists(children, max_size=4),
+                        st.dictionaries(st.one_of(texts, surrogates), children, max_size=4)),
+                    max_leaves=16),
+       st.integers(min_value=0, max_value=domain.MAX_PROPERTIES_DEPTH))
+def test_json_safe_decides_as_the_converting_walk(value, depth):
+    assert _outcome(domain.json_safe, value, depth) == _outcome(domain._json_safe_walk, value,
+                                                                depth)
+
+
+@props
+@given(near_limit, st.sampled_from(["list", "object"]), st.one_of(json_leaves, surrogates))
+def test_json_safe_decides_as_the_walk_at_the_depth_limit(levels, shape, leaf):
+    value = leaf
+    for _ in range(levels):
+        value = [value] if shape == "list" else {"a": value}
+    assert _outcome(domain.json_safe, {"x": value}) == _outcome(domain._json_safe_walk,
+                                                                {"x": value})
+
+
+@props
+@given(properties, st.sampled_from(["1", "2.5"]), st.none() | st.just(datetime(2026, 1, 1,
+                                                                            tzinfo=UTC)))
+def test_properties_hash_the_same_as_their_canonical_bytes(props_, quantity, ts):
+    safe = domain.json_safe(props_, "properties")
+    fragment = orjson.Fragment(domain.canonical_json(safe))
+    assert (domain.payload_hash("c", "m", quantity, ts, fragment)
+            == domain.payload_hash("c", "m", quantity, ts, safe))
+    event = parse({**BASE, "quantity": quantity, "properties": props_}, BIG_CAP)
+    if isinstance(event, UsageEvent) and ts is None:
+        assert event.payload_hash == domain.payload_hash("c", "m", quantity, None, safe)
