@@ -169,9 +169,9 @@ async def ensure_database(dsn: str) -> None:
 # clusters; even C.UTF-8; or any ICU locale) every comparison in a B-tree goes through strcoll
 # (or ICU) instead of memcmp, and every accepted usage inserts into such B-trees (ingestion's
 # key table, metering's usage records). Measured on the key table's shape (bench/ceilings.py,
-# `postgres.key_copy_*`): a COPY of keys cost PostgreSQL 25-52% more CPU per row under
-# C.UTF-8 than under C (1.26-1.52 times in six runs of 150,000 keys; 1.42-1.49 measured apart
-# from 200,000 to 500,000 keys). Equality is the same under every deterministic collation,
+# `postgres.key_copy_*`): a COPY of keys cost PostgreSQL 26-68% more CPU per row under
+# C.UTF-8 than under C (1.26-1.68 times in eight runs of 150,000 keys; 1.42-1.49 measured
+# apart from 200,000 to 500,000 keys). Equality is the same under every deterministic collation,
 # so uniqueness (the dedup guarantee) does not depend on it: only the cost does. Databases
 # Billstream creates are created with LC_COLLATE "C"; a database created by an operator is
 # checked when a service starts (`collation_note`).
@@ -244,7 +244,7 @@ async def collation_note(conn: asyncpg.Connection | asyncpg.Pool) -> str | None:
                  else f"LC_COLLATE {locale['collate']}")
     return (f"database {locale['datname']} compares text under {collation}: every index "
             "insert on ids and idempotency keys costs PostgreSQL more CPU than under \"C\" "
-            "(25-52% more per usage key under C.UTF-8, bench/README.md). Create Billstream's "
+            "(26-68% more per usage key under C.UTF-8, bench/README.md). Create Billstream's "
             "databases with TEMPLATE template0 LC_COLLATE 'C' (and LOCALE_PROVIDER libc from "
             "PostgreSQL 15 on; deploy/README.md)")
 
