@@ -45,10 +45,12 @@ def event_key(prefix: str, i: int) -> str:
     return f"{prefix}-{i}"
 
 
-#: BENCH_EVENT_PROPERTIES=N gives every event N properties (at most 4; default none), as a
-#: producer's events usually carry: {"region": "eu-west-1", "model": "m-7", "tokens": 1234,
-#: "cached": false}. The default stays none, so that figures compare with earlier runs.
-EVENT_PROPERTIES = max(0, min(4, int(os.environ.get("BENCH_EVENT_PROPERTIES", "0"))))
+#: BENCH_EVENT_PROPERTIES=N gives every event the first N of these properties (at most 5;
+#: default none), as a producer's events usually carry: {"region": "eu-west-1", "model": "m-7",
+#: "tokens": 1234, "cached": false, "latency_s": 0.125} (the fifth, a non-integer number, is
+#: parsed as an exact decimal). The default stays none, so that figures compare with earlier
+#: runs.
+EVENT_PROPERTIES = max(0, min(5, int(os.environ.get("BENCH_EVENT_PROPERTIES", "0"))))
 _REGIONS = ("eu-west-1", "us-east-1", "ap-south-1")
 
 
@@ -56,7 +58,7 @@ def with_properties(event: dict, i: int) -> dict:
     if EVENT_PROPERTIES:
         event["properties"] = dict(list({
             "region": _REGIONS[i % 3], "model": f"m-{i % 11}", "tokens": 1000 + i % 5000,
-            "cached": i % 7 == 0}.items())[:EVENT_PROPERTIES])
+            "cached": i % 7 == 0, "latency_s": (i % 997) / 8}.items())[:EVENT_PROPERTIES])
     return event
 
 

@@ -56,7 +56,7 @@ Environment: BENCH_INGEST_EVENTS / BENCH_INGEST_SECONDS (the HTTP run stops at w
 comes first; default 1,000,000 events / 30 s), BENCH_INGEST_CONNECTIONS (16: producers are a
 fleet; with 6 a request waits more than it works, see bench/README.md),
 BENCH_LATENCY_RATE / _BATCH / _SECONDS (20000 / 1000 / 20), BENCH_KAFKA_EVENTS (500,000),
-BENCH_EVENT_PROPERTIES (0: properties per event, up to 4; bench/ingest_load.py),
+BENCH_EVENT_PROPERTIES (0: properties per event, up to 5; bench/ingest_load.py),
 BENCH_PROFILE=1 (ingestion under py-spy, else cProfile: results in
 bench/results/ingestion.prof and .txt; figures taken under a profiler are not comparable).
 """
