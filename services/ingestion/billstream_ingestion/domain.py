@@ -403,7 +403,9 @@ def _is_safe(value: Any, depth: int) -> bool:
 
 
 def _json_safe_walk(value: Any, path: str, depth: int = 0) -> Any:
-    """json_safe, converting: a copy of `value` with every number made safe, or EventError."""
+    """json_safe, converting: a copy of `value` with every number made safe, or EventError.
+    An object's plain members are taken inline; a member's path is only written out to
+    descend into it or to say what is wrong with it."""
     if isinstance(value, dict | list):
         if depth >= MAX_PROPERTIES_DEPTH:
             raise EventError("invalid_event", f"{path} nests deeper than "
@@ -415,7 +417,14 @@ def _json_safe_walk(value: Any, path: str, depth: int = 0) -> Any:
             if not k.isascii() and not _is_unicode_text(k):
                 raise EventError("invalid_event", f"{path} has a key with an unpaired "
                                  "surrogate", path)
-            out[k] = _json_safe_walk(v, f"{path}.{k}", depth + 1)
+            kind = type(v)
+            if (kind is str and v.isascii()) or kind is bool or v is None or (
+                    kind is int and _INT64[0] <= v <= _INT64[1]):
+                out[k] = v
+            elif kind is Decimal and v.is_finite():
+                out[k] = _decimal_text(v)
+            else:
+                out[k] = _json_safe_walk(v, f"{path}.{k}", depth + 1)
         return out
     if value is None or isinstance(value, bool):
         return value
@@ -428,11 +437,23 @@ def _json_safe_walk(value: Any, path: str, depth: int = 0) -> Any:
     if isinstance(value, Decimal):
         if not value.is_finite():
             raise EventError("invalid_event", f"{path} must be a finite number", path)
-        # a huge exponent would expand to megabytes: keep those in exponent notation
-        return format_decimal(value) if _plain_length(value) <= 100 else str(value)
+        return _decimal_text(value)
     if isinstance(value, float):  # not produced by our parser; refused like any float
         raise EventError("invalid_event", f"{path}: floats are not accepted", path)
     raise EventError("invalid_event", f"{path} holds an unsupported value", path)
+
+
+def _decimal_text(value: Decimal) -> str:
+    """A finite decimal property as text: format_decimal's normalized plain form, except that
+    a huge exponent, which would expand to megabytes, stays in exponent notation. Decimal's
+    own text is that form already when it has no exponent, once trailing fraction zeros go
+    (what a JSON number such as 0.125 or 12.50 gives): the common case skips the digit tuple."""
+    text = str(value)
+    if len(text) <= 90 and "E" not in text:
+        if "." in text:
+            text = text.rstrip("0").rstrip(".")
+        return "0" if text in ("0", "-0") else text
+    return format_decimal(value) if _plain_length(value) <= 100 else str(value)
 
 
 def canonical_json(value: Any) -> bytes:

@@ -673,9 +673,44 @@ def test_loads_refuses_what_the_exact_parser_refuses():
     assert type(domain.loads(b'{"q": 15}')["q"]) is int
 
 
-# ---------------------------------------------------------------- json_safe's shortcut
-# json_safe returns values that need no conversion as they are (domain._is_safe) and walks
-# the rest (domain._json_safe_walk). The shortcut must decide exactly as the walk would.
+# ---------------------------------------------------------------- json_safe's shortcuts
+# json_safe returns values that need no conversion as they are (domain._is_safe), and its
+# converting walk takes plain members inline and decimals through their own text
+# (domain._decimal_text). Both must decide exactly as the plain walk below, json_safe as it
+# was written first.
+
+
+def reference_json_safe(value: Any, path: str, depth: int = 0) -> Any:
+    if isinstance(value, dict | list):
+        if depth >= domain.MAX_PROPERTIES_DEPTH:
+            raise domain.EventError("invalid_event", f"{path} nests deeper than "
+                                    f"{domain.MAX_PROPERTIES_DEPTH} levels", path)
+        if isinstance(value, list):
+            return [reference_json_safe(v, path, depth + 1) for v in value]
+        out = {}
+        for k, v in value.items():
+            if not k.isascii() and not domain._is_unicode_text(k):
+                raise domain.EventError("invalid_event", f"{path} has a key with an unpaired "
+                                        "surrogate", path)
+            out[k] = reference_json_safe(v, f"{path}.{k}", depth + 1)
+        return out
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        if not value.isascii() and not domain._is_unicode_text(value):
+            raise domain.EventError("invalid_event", f"{path} holds an unpaired surrogate",
+                                    path)
+        return value
+    if isinstance(value, int):
+        return value if INT64[0] <= value <= INT64[1] else str(value)
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise domain.EventError("invalid_event", f"{path} must be a finite number", path)
+        return format_decimal(value) if domain._plain_length(value) <= 100 else str(value)
+    if isinstance(value, float):
+        raise domain.EventError("invalid_event", f"{path}: floats are not accepted", path)
+    raise domain.EventError("invalid_event", f"{path} holds an unsupported value", path)
+
 
 surrogates = st.sampled_from(["\ud800", "a\udfffb", "\udc00\ud800"])
 near_limit = st.integers(min_value=domain.MAX_PROPERTIES_DEPTH - 2,
@@ -696,9 +731,20 @@ def _outcome(fn, value, depth=0):
                         st.dictionaries(st.one_of(texts, surrogates), children, max_size=4)),
                     max_leaves=16),
        st.integers(min_value=0, max_value=domain.MAX_PROPERTIES_DEPTH))
-def test_json_safe_decides_as_the_converting_walk(value, depth):
-    assert _outcome(domain.json_safe, value, depth) == _outcome(domain._json_safe_walk, value,
-                                                                depth)
+def test_json_safe_decides_as_the_plain_walk(value, depth):
+    expected = _outcome(reference_json_safe, value, depth)
+    assert _outcome(domain.json_safe, value, depth) == expected
+    assert _outcome(domain._json_safe_walk, value, depth) == expected
+
+
+@props
+@given(json_decimals.filter(lambda d: d.is_finite()))
+def test_a_decimal_property_reads_as_the_plain_walk_writes_it(value):
+    assert domain._decimal_text(value) == reference_json_safe(value, "p")
+    text = format(value, "f") if -80 < value.adjusted() < 80 else str(value)
+    parsed = domain.loads(text.encode())
+    if isinstance(parsed, Decimal):  # as a JSON number in a body
+        assert domain._decimal_text(parsed) == reference_json_safe(parsed, "p")
 
 
 @props
@@ -707,7 +753,7 @@ def test_json_safe_decides_as_the_walk_at_the_depth_limit(levels, shape, leaf):
     value = leaf
     for _ in range(levels):
         value = [value] if shape == "list" else {"a": value}
-    assert _outcome(domain.json_safe, {"x": value}) == _outcome(domain._json_safe_walk,
+    assert _outcome(domain.json_safe, {"x": value}) == _outcome(reference_json_safe,
                                                                 {"x": value})
 
 
