@@ -140,15 +140,21 @@ def loads(raw: bytes | str) -> Any:
     exact_loads's (tests/unit/ingestion/test_event_properties.py checks both agree)."""
     try:
         return _DECODER.decode(raw)
-    except ValueError:  # msgspec.DecodeError is one, as is a str that is not UTF-8
-        return exact_loads(raw)
+    except (ValueError, ArithmeticError):  # msgspec.DecodeError is a ValueError, as is a str
+        return exact_loads(raw)  # that is not UTF-8; Decimal refuses an exponent like 1e99…9
 
 
 _DECODER = msgspec.json.Decoder(float_hook=Decimal)
 
 
 def exact_loads(raw: bytes | str) -> Any:
-    return json.loads(raw, parse_float=Decimal, parse_constant=Decimal)
+    """The exact parser. A number beyond Decimal's range (an exponent of twenty digits) is
+    bad JSON like any other: a ValueError, not decimal's ArithmeticError, which no caller
+    expects (a Kafka record would be retried forever, a request answered 500)."""
+    try:
+        return json.loads(raw, parse_float=Decimal, parse_constant=Decimal)
+    except ArithmeticError as exc:
+        raise ValueError(f"a number is beyond the range of decimals ({exc!r})") from exc
 
 
 def split_body(body: Any, max_events: int) -> list[Any]:
@@ -449,7 +455,9 @@ def _decimal_text(value: Decimal) -> str:
     own text is that form already when it has no exponent, once trailing fraction zeros go
     (what a JSON number such as 0.125 or 12.50 gives): the common case skips the digit tuple."""
     text = str(value)
-    if len(text) <= 90 and "E" not in text:
+    # at most 48 characters: digits and exponent then add up to at most 98, within the plain
+    # form's limit below, whatever the trailing zeros
+    if len(text) <= 48 and "E" not in text:
         if "." in text:
             text = text.rstrip("0").rstrip(".")
         return "0" if text in ("0", "-0") else text
