@@ -137,7 +137,11 @@ def loads(raw: bytes | str) -> Any:
     each non-integer number's text to Decimal (`float_hook`) and integers of any size to int.
     A document it refuses (NaN/Infinity, lone surrogates, other encodings, deep nesting, bad
     JSON) is parsed again by `exact_loads`, so the result and the errors are always
-    exact_loads's (tests/unit/ingestion/test_event_properties.py checks both agree)."""
+    exact_loads's (tests/unit/ingestion/test_event_properties.py checks both agree). One band
+    differs: both parsers stop at Python's recursion limit, and msgspec runs a few frames
+    shallower, so a document nested within about four levels of that limit (some 990 deep)
+    may parse here where exact_loads would refuse it; its events are then refused by the
+    event checks (a body is an object or an array of objects; properties nest 32 deep)."""
     try:
         return _DECODER.decode(raw)
     except (ValueError, ArithmeticError):  # msgspec.DecodeError is a ValueError, as is a str
