@@ -184,10 +184,14 @@ def create_database_sql(name: str, server_version_num: int) -> str:
     """CREATE DATABASE `name` with byte-order collation (template0 is the only template a
     collation may differ from; the character classification stays the server's). From
     PostgreSQL 15 on the provider is named, since a cluster may default to ICU."""
-    quoted = '"' + name.replace('"', '""') + '"'
     provider = " LOCALE_PROVIDER libc" if server_version_num >= 150000 else ""
-    return (f"CREATE DATABASE {quoted} TEMPLATE template0 ENCODING 'UTF8'{provider}"
+    return (f"CREATE DATABASE {_quoted(name)} TEMPLATE template0 ENCODING 'UTF8'{provider}"
             " LC_COLLATE 'C'")
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
 
 
 async def create_database(conn: asyncpg.Connection, name: str) -> bool:
@@ -199,13 +203,12 @@ async def create_database(conn: asyncpg.Connection, name: str) -> bool:
     which `collation_note` reports when a service starts."""
     if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
         return False
-    version = int(await conn.fetchval("SHOW server_version_num"))
-    quoted = '"' + name.replace('"', '""') + '"'
-    plain = f"CREATE DATABASE {quoted}"
+    plain = f"CREATE DATABASE {_quoted(name)}"
     try:
         if _compares_bytes(await _locale_of(conn, "template0")):
             await conn.execute(plain)
         else:
+            version = int(await conn.fetchval("SHOW server_version_num"))
             try:
                 await conn.execute(create_database_sql(name, version))
             except (asyncpg.InvalidParameterValueError, asyncpg.FeatureNotSupportedError,

@@ -376,7 +376,7 @@ def json_safe(value: Any, path: str, depth: int = 0) -> Any:
     decimal strings, integers outside 64 bits become strings; NaN/Infinity, unpaired
     surrogates and nesting deeper than MAX_PROPERTIES_DEPTH are refused.
 
-    Values that need none of this (what orjson parses from ordinary properties: text, 64-bit
+    Values that need none of this (what the parser gives for ordinary properties: text, 64-bit
     integers, booleans, null, shallow objects and arrays) are returned as they are, after one
     walk that builds nothing; the rest take `_json_safe_walk`, which converts or says why not."""
     if _is_safe(value, depth):
