@@ -158,7 +158,8 @@ def exact_loads(raw: bytes | str) -> Any:
     try:
         return json.loads(raw, parse_float=Decimal, parse_constant=Decimal)
     except ArithmeticError as exc:
-        raise ValueError(f"a number is beyond the range of decimals ({exc!r})") from exc
+        raise ValueError("a number is beyond the range of decimals (its exponent has more "
+                         "than 18 digits)") from exc
 
 
 def split_body(body: Any, max_events: int) -> list[Any]:
