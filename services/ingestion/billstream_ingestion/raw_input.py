@@ -137,8 +137,8 @@ class RawInput:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - rewind, never commit past unhandled records
-            await self._settle(consumer, inflight, polled)
-            _rewind(consumer, polled)
+            if await self._settle(consumer, inflight, polled):
+                _rewind(consumer, polled)  # (when the poll before failed, both are rewound)
             log.error("raw_batch_failed", error=repr(exc), records=len(records))
             await asyncio.sleep(1.0)
             return None
@@ -150,12 +150,18 @@ class RawInput:
 
     async def _settle(self, consumer: AIOKafkaConsumer, inflight: _Inflight | None,
                       polled: dict) -> bool:
-        """Wait for the in-flight poll. If it failed (it rewound its own partitions), rewind
-        the partitions of `polled` (a later poll) that it did not hold, and say so."""
+        """Wait for the in-flight poll. If it failed, rewind its partitions and those of
+        `polled` (the poll fetched meanwhile) to the first record either holds, and say so.
+
+        The rewind is done here, not by the failed write: the loop fetches while the write
+        runs, and a fetch that came after a rewind would already hold the rewound records
+        again, past which the consumer's position would then be."""
         if inflight is None or await inflight.task:
             return True
-        held = inflight.polled
-        _rewind(consumer, {tp: recs for tp, recs in polled.items() if tp not in held})
+        firsts = {tp: recs[0].offset for tp, recs in polled.items()}
+        for tp, recs in inflight.polled.items():
+            firsts[tp] = min(recs[0].offset, firsts.get(tp, recs[0].offset))
+        _seek(consumer, firsts)
         return False
 
     async def _finish_and_commit(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
@@ -164,8 +170,8 @@ class RawInput:
             await self.finish(staged, producer)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - rewind, never commit past unhandled records
-            _rewind(consumer, polled)
+        except Exception as exc:  # noqa: BLE001 - never commit past unhandled records
+            # (the loop rewinds this poll and the one fetched behind it: `_settle`)
             log.error("raw_batch_failed", error=repr(exc), records=len(staged.records))
             await asyncio.sleep(1.0)
             return False
@@ -349,12 +355,18 @@ class Staged:
 
 
 def _rewind(consumer: AIOKafkaConsumer, polled: dict) -> None:
-    """Fetch these partitions again from the poll's first records (those still assigned: a
-    partition a rebalance took is read by its new owner from the last committed offset)."""
+    """Fetch these partitions again from the poll's first records."""
+    _seek(consumer, {tp: recs[0].offset for tp, recs in polled.items()})
+
+
+def _seek(consumer: AIOKafkaConsumer, offsets: dict) -> None:
+    """Move these partitions to these offsets (those still assigned: a partition a rebalance
+    took is read by its new owner from the last committed offset). A seek also drops what
+    was fetched ahead for the partition."""
     assigned = consumer.assignment()
-    for tp, recs in polled.items():
+    for tp, offset in offsets.items():
         if tp in assigned:
-            consumer.seek(tp, recs[0].offset)
+            consumer.seek(tp, offset)
 
 
 def _key_of(raw) -> str | None:

@@ -181,6 +181,42 @@ async def test_a_failed_write_rewinds_its_poll_and_the_one_prepared_behind_it(
     assert len(await ingestion.accepted_events()) == 120  # logged once each
 
 
+async def test_a_write_that_fails_at_once_loses_nothing_fetched_meanwhile(
+        ingestion: Ingestion):
+    """A write that fails before the next poll is staged: while it backs off, the loop
+    fetches again, and that fetch may hold records of the failed poll's partitions (records
+    produced meanwhile, or the failed poll's own). Both polls are read again: nothing is
+    skipped, and no offset is committed past a record that was not handled."""
+    await ingestion.create_meter("api_calls")
+    auth = ("billstream-api-key", ingestion.key.encode())
+    runner = ingestion.host.app.state.raw_input
+    real_write = runner._write
+    failures = []
+
+    async def failing_once(prepared):
+        if not failures:
+            failures.append(sum(len(p.valid) for p in prepared))
+            # records on the same partition arrive while the failed write backs off
+            await ingestion.produce_raw(*[(b"acme-1", native(f"b-{i}"), [auth])
+                                          for i in range(5)])
+            raise RuntimeError("injected write failure")
+        return await real_write(prepared)
+
+    runner._write = failing_once
+    await ingestion.produce_raw(*[(b"acme-1", native(f"a-{i}"), [auth]) for i in range(20)])
+    await eventually(lambda: _eq(lambda: _count(failures), 1), timeout=30)
+    await ingestion.produce_raw((b"acme-1", native("c-0"), [auth]))
+    keys = await accepted_keys(ingestion, 26)
+    assert sorted(keys) == sorted([f"a-{i}" for i in range(20)]
+                                  + [f"b-{i}" for i in range(5)] + ["c-0"])
+    await _offsets_reach(ingestion, 26)
+    assert await ingestion.host.pool.fetchval("SELECT count(*) FROM usage_keys") == 26
+
+
+async def _count(items) -> int:
+    return len(items)
+
+
 async def test_a_poll_is_encoded_while_staged_and_written_as_encoded(ingestion: Ingestion):
     """The CPU half of a write (usage ids, usage JSON, batch events, key claims) is done when
     the poll is staged, overlapping the write of the poll before; the write then claims and
