@@ -1,7 +1,8 @@
 """The `Idempotency-Key` layer for POST requests (an ASGI middleware).
 
-- same key, same request (method, path, query, body): the stored response is replayed with
-  `Idempotent-Replayed: true`;
+- same key, same request (method, path, query, body; and for a CloudEvent in HTTP binary
+  mode, whose attributes travel in `ce-*` headers, those headers and Content-Type): the stored
+  response is replayed with `Idempotent-Replayed: true`;
 - same key, another request: 422 `idempotency_key_reused`;
 - same key while the first request is still running: 409 `idempotency_key_in_use`.
 
@@ -119,7 +120,8 @@ class IdempotencyMiddleware:
             ctx = await self._auth().authenticate(token)
             tenant, env = ctx.tenant_id, ctx.environment
         request_hash = hash_request(
-            scope["method"], scope["path"], scope.get("query_string", b""), body
+            scope["method"], scope["path"], scope.get("query_string", b""), body,
+            scope["headers"],
         )
 
         pool = self._pool()
@@ -244,14 +246,37 @@ class IdempotencyMiddleware:
         )
 
 
-def hash_request(method: str, path: str, query: bytes, body: bytes) -> str:
-    """What "the same request" means: method, path, query string and body bytes."""
+def hash_request(method: str, path: str, query: bytes, body: bytes,
+                 headers: Iterable[tuple[bytes, bytes]] = ()) -> str:
+    """What "the same request" means: method, path, query string and body bytes, and the
+    `ce-*` headers and Content-Type when there are `ce-*` headers: a CloudEvent in HTTP binary
+    mode has its attributes there (its id among them), the body is only its data. A request
+    without `ce-*` headers hashes as it always did, so keys stored before still match."""
     digest = hashlib.sha256()
+    signed = _cloudevent_headers(headers)
+    if signed:
+        # a leading NUL (a method is never empty) and each name and value length-prefixed:
+        # no request hashes the same bytes as one with other headers, or with none
+        digest.update(b"\0")
+        for name, value in signed:
+            digest.update(b"%d:%s%d:%s" % (len(name), name, len(value), value))
+        digest.update(b"\0")
     for part in (method.encode(), path.encode(), query):
         digest.update(part)
         digest.update(b"\0")
     digest.update(body)
     return digest.hexdigest()
+
+
+def _cloudevent_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The `ce-*` headers, names lower-cased and sorted (repeats kept in the order sent),
+    values as sent, with Content-Type; none when there is no `ce-*` header."""
+    lowered = [(name.lower(), value) for name, value in headers]
+    if not any(name.startswith(b"ce-") for name, _ in lowered):
+        return []
+    return sorted(((name, value) for name, value in lowered
+                   if name.startswith(b"ce-") or name == b"content-type"),
+                  key=lambda header: header[0])
 
 
 def _too_large() -> ApiError:

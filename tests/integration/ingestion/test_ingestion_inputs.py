@@ -88,6 +88,28 @@ async def test_binary_cloudevent(ingestion: Ingestion):
     assert events["//acme/billing bin-2"]["quantity"] == "1"
 
 
+async def test_an_idempotency_key_covers_a_binary_cloudevents_headers(ingestion: Ingestion):
+    """In binary mode the event is in the ce-* headers: two events with the same body are two
+    requests, so reusing the Idempotency-Key is refused rather than replaying the first."""
+    await ingestion.create_meter("api_calls")
+    headers = {"ce-specversion": "1.0", "ce-id": "i1", "ce-source": "//acme/billing",
+               "ce-type": "api_calls", "ce-subject": "acme-1", "ce-time": RECENT,
+               "Content-Type": "application/json", "Idempotency-Key": "bin-batch-1"}
+    async with ingestion.client() as c:
+        first = await c.post("/v1/usage/events", content=b'{"quantity": 1}', headers=headers)
+        other = await c.post("/v1/usage/events", content=b'{"quantity": 1}',
+                             headers={**headers, "ce-id": "i2"})
+        retry = await c.post("/v1/usage/events", content=b'{"quantity": 1}', headers=headers)
+    assert first.json()["results"][0]["status"] == "accepted", first.text
+    assert other.status_code == 422, other.text
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    assert other.json()["error"]["param"] == "Idempotency-Key"
+    assert retry.headers["idempotent-replayed"] == "true"  # the same request: replayed
+    assert retry.json() == first.json()
+    assert [e["data"]["idempotency_key"] for e in await ingestion.accepted_events()] == [
+        "//acme/billing i1"]
+
+
 async def test_the_time_window(ingestion: Ingestion):
     await ingestion.create_meter("api_calls")
     window = ingestion.host.settings.dedup_window_days
