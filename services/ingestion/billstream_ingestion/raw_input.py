@@ -278,7 +278,8 @@ class RawInput:
                 outcome=outcome, topic=rec.topic, partition=rec.partition, offset=rec.offset,
                 key=rec.key, value=rec.value,
                 tenant_id=scope.tenant_id if scope else None,
-                environment=scope.environment if scope else None, now=now)
+                environment=scope.environment if scope else None, now=now,
+                max_echo_bytes=self.settings.raw_max_record_bytes)
             futures.append(await producer.send(
                 USAGE_REJECTED, value=value, key=rec.key,
                 headers=raw_records.forwarded_headers(rec.headers, outcome.status)))

@@ -111,11 +111,25 @@ def rejection(
     tenant_id: str | None,
     environment: str | None,
     now: datetime | None = None,
+    max_echo_bytes: int = 64 * 1024,
 ) -> bytes:
-    """The JSON value of a record on `billstream.usage.rejected` (documented shape)."""
-    record: dict[str, Any] = {"key": _text(key), "value": _text(value)}
-    if value is not None and record["value"] is None:
-        record["value_base64"] = base64.b64encode(value).decode()
+    """The JSON value of a record on `billstream.usage.rejected` (documented shape).
+
+    The input record's key and value are echoed when each is at most `max_echo_bytes` (the
+    input's cap for one event), else left out (`value_omitted`, `value_bytes`): a report
+    must always fit in a Kafka record, or the poll holding it could never be committed.
+    `source` names the input record, which the topic keeps."""
+    record: dict[str, Any] = {"key": None, "value": None}
+    for name, raw in (("key", key), ("value", value)):
+        if raw is None:
+            continue
+        if len(raw) > max_echo_bytes:
+            record[f"{name}_omitted"] = True
+            record[f"{name}_bytes"] = len(raw)
+            continue
+        record[name] = _text(raw)
+        if record[name] is None:
+            record[f"{name}_base64"] = base64.b64encode(raw).decode()
     body = {
         "object": "usage_rejection",
         "status": outcome.status,  # "rejected", or "duplicate" for a resent event
@@ -135,10 +149,29 @@ def rejection(
     return orjson.dumps(body, option=orjson.OPT_UTC_Z)
 
 
-def forwarded_headers(headers: Any, status: str) -> list[tuple[str, bytes]]:
-    """The input record's headers minus the API key, plus the outcome."""
-    out = [(name, bytes(v) if v is not None else b"") for name, v in (headers or ())
-           if name.lower() != API_KEY_HEADER]
+#: At most this many bytes of the input record's headers travel with its report.
+MAX_FORWARDED_HEADER_BYTES = 64 * 1024
+HEADERS_OMITTED_HEADER = "billstream-headers-omitted"
+
+
+def forwarded_headers(headers: Any, status: str,
+                      max_bytes: int = MAX_FORWARDED_HEADER_BYTES) -> list[tuple[str, bytes]]:
+    """The input record's headers minus the API key, plus the outcome. Headers past
+    `max_bytes` in all are left out, and their number is given in
+    `billstream-headers-omitted` (the input record, which `source` names, has them)."""
+    out: list[tuple[str, bytes]] = []
+    size = omitted = 0
+    for name, v in headers or ():
+        if name.lower() == API_KEY_HEADER:
+            continue
+        value = bytes(v) if v is not None else b""
+        size += len(name) + len(value)
+        if size > max_bytes:
+            omitted += 1
+            continue
+        out.append((name, value))
+    if omitted:
+        out.append((HEADERS_OMITTED_HEADER, str(omitted).encode()))
     out.append((OUTCOME_HEADER, status.encode()))
     return out
 

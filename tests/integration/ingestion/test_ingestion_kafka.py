@@ -213,6 +213,26 @@ async def test_a_write_that_fails_at_once_loses_nothing_fetched_meanwhile(
     assert await ingestion.host.pool.fetchval("SELECT count(*) FROM usage_keys") == 26
 
 
+async def test_a_record_too_large_to_echo_is_reported_without_its_value(
+        ingestion: Ingestion):
+    """An 800 KB value that is not UTF-8 is `event_too_large`; echoed as base64 its report
+    would pass the producer's 1 MiB limit, fail, and hold its poll back forever. The report
+    leaves the value out (the source offset names it) and everything around it goes on."""
+    await ingestion.create_meter("api_calls")
+    auth = ("billstream-api-key", ingestion.key.encode())
+    await ingestion.produce_raw(
+        (b"acme-1", native("before"), [auth]),
+        (b"acme-1", b"\xff" * 800_000, [auth, ("trace", b"t-9")]),
+        (b"acme-1", native("after"), [auth]))
+    [report] = await ingestion.rejections(1)
+    assert (report["code"], report["source"]["offset"]) == ("event_too_large", 1)
+    assert report["record"] == {"key": "acme-1", "value": None, "value_omitted": True,
+                                "value_bytes": 800_000}
+    assert report["_headers"]["trace"] == b"t-9"
+    assert sorted(await accepted_keys(ingestion, 2)) == ["after", "before"]
+    await _offsets_reach(ingestion, 3)
+
+
 async def _count(items) -> int:
     return len(items)
 
