@@ -103,6 +103,55 @@ def idempotency_key(source: str, id: str) -> str:
     return key
 
 
+def composed_key(event: Any) -> str | None:
+    """The idempotency key of a raw CloudEvent (a dict of its attributes, as in structured
+    mode), or None when its `source` and `id` make none. Never raises: the report of an event
+    rejected while mapping names its key whenever it can."""
+    if not isinstance(event, dict):
+        return None
+    source, id_ = event.get("source"), event.get("id")
+    if not (isinstance(source, str) and source and isinstance(id_, str) and id_):
+        return None
+    try:
+        return idempotency_key(source, id_)
+    except EventError:
+        return None
+
+
+def http_binary_key(headers: Mapping[str, str]) -> str | None:
+    """`composed_key` of an HTTP binary-mode event, from its `ce-source` and `ce-id` headers
+    (None when one is missing, repeated or does not decode)."""
+    found: dict[str, str] = {}
+    for raw_name, raw_value in _items(headers):
+        name = raw_name.lower()
+        if name in ("ce-source", "ce-id"):
+            attribute = name[len(_HTTP_PREFIX):]
+            if attribute in found:
+                return None
+            try:
+                found[attribute] = _http_value(raw_value, attribute)
+            except EventError:
+                return None
+    return composed_key(found)
+
+
+def kafka_binary_key(headers: Sequence[tuple[str, bytes | None]]) -> str | None:
+    """`composed_key` of a Kafka binary-mode record, from its `ce_source` and `ce_id` headers
+    (None when one is missing, repeated or not UTF-8)."""
+    found: dict[str, str | None] = {}
+    for raw_name, raw_value in headers:
+        name = _text_name(raw_name)
+        if name in ("ce_source", "ce_id"):
+            attribute = name[len(_KAFKA_PREFIX):]
+            if attribute in found:
+                return None
+            try:
+                found[attribute] = None if raw_value is None else bytes(raw_value).decode()
+            except UnicodeDecodeError:
+                return None
+    return composed_key(found)
+
+
 # ---------------------------------------------------------------- content modes
 
 

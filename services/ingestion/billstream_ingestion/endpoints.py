@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -110,16 +112,19 @@ def _events_of(request: Request, body: bytes, max_events: int
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if "ce-specversion" in request.headers:  # binary mode: the body is the event's data
         data = _parse_json(body) if body.strip() else None
-        return _mapped([lambda: cloudevents.from_http_binary(request.headers, data)])
+        return _mapped([(partial(cloudevents.from_http_binary, request.headers, data),
+                         partial(cloudevents.http_binary_key, request.headers))])
     if content_type == cloudevents.STRUCTURED:
         parsed = _parse_json(body)
-        return _mapped([lambda: cloudevents.from_structured(parsed)])
+        return _mapped([(partial(cloudevents.from_structured, parsed),
+                         partial(cloudevents.composed_key, parsed))])
     if content_type == cloudevents.BATCH:
         try:
             batch = cloudevents.split_batch(_parse_json(body), max_events)
         except domain.BodyError as err:
             raise ApiError(err.code, err.message, param=err.param, status=err.status) from err
-        return _mapped([(lambda ce=ce: cloudevents.from_structured(ce)) for ce in batch])
+        return _mapped([(partial(cloudevents.from_structured, ce),
+                         partial(cloudevents.composed_key, ce)) for ce in batch])
     try:
         raw_events = domain.split_body(_parse_json(body), max_events)
     except domain.BodyError as err:
@@ -127,16 +132,19 @@ def _events_of(request: Request, body: bytes, max_events: int
     return raw_events, set(), []
 
 
-def _mapped(mappers) -> tuple[list[Any], set[int], list[Outcome]]:
+def _mapped(events: list[tuple[Callable[[], dict[str, Any]], Callable[[], str | None]]]
+            ) -> tuple[list[Any], set[int], list[Outcome]]:
+    """Each CloudEvent as (its mapping, its composed key): an event rejected while mapping
+    still reports its key when its source and id make one."""
     raws: list[Any] = []
     early: list[Outcome] = []
-    for index, mapper in enumerate(mappers):
+    for index, (to_native, key_of) in enumerate(events):
         try:
-            raws.append(mapper())
+            raws.append(to_native())
         except domain.EventError as err:
             raws.append(None)
-            early.append(domain.rejected(index, None, err.code, err.message, err.param))
-    return raws, set(range(len(mappers))), early
+            early.append(domain.rejected(index, key_of(), err.code, err.message, err.param))
+    return raws, set(range(len(events))), early
 
 
 def _parse_json(body: bytes) -> Any:

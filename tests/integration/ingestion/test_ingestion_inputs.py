@@ -88,6 +88,46 @@ async def test_binary_cloudevent(ingestion: Ingestion):
     assert events["//acme/billing bin-2"]["quantity"] == "1"
 
 
+async def test_cloudevents_rejected_while_mapping_report_their_composed_key(
+        ingestion: Ingestion):
+    """The key is reported whenever source and id make one, in every content mode; only an
+    event without a valid source and id is reported with none."""
+    await ingestion.create_meter("api_calls")
+    batch = [cloudevent("k1", data=[1, 2]),
+             {**cloudevent("k2"), "data_base64": "eyJxdWFudGl0eSI6IDF9"},
+             cloudevent("k3", subject=None),
+             {**cloudevent("k4"), "source": "//acme billing"},
+             {key: value for key, value in cloudevent("k5").items() if key != "id"},
+             cloudevent("k6")]
+    binary = {"ce-specversion": "1.0", "ce-id": "k7", "ce-source": "//acme/billing",
+              "ce-type": "api_calls", "Content-Type": "application/json"}
+    async with ingestion.client() as c:
+        structured = await c.post(
+            "/v1/usage/events", content=orjson.dumps(cloudevent("k0", data=[{"quantity": 1}])),
+            headers={"Content-Type": "application/cloudevents+json"})
+        batched = await c.post("/v1/usage/events", content=orjson.dumps(batch),
+                               headers={"Content-Type": "application/cloudevents-batch+json"})
+        no_subject = await c.post("/v1/usage/events", content=b"", headers=binary)
+        no_id = await c.post("/v1/usage/events", content=b"",
+                             headers={k: v for k, v in binary.items() if k != "ce-id"})
+    assert structured.status_code == 200, structured.text
+    assert structured.json()["results"] == [
+        {"index": 0, "idempotency_key": "//acme/billing k0", "status": "rejected",
+         "code": "invalid_event", "message": "data must be a JSON object", "param": "data"}]
+    assert [(r["idempotency_key"], r["status"], r.get("param"))
+            for r in batched.json()["results"]] == [
+        ("//acme/billing k1", "rejected", "data"),
+        ("//acme/billing k2", "rejected", "data_base64"),
+        ("//acme/billing k3", "rejected", "subject"),
+        (None, "rejected", "source"),  # a source with whitespace makes no key
+        (None, "rejected", "id"),
+        ("//acme/billing k6", "accepted", None)]
+    assert [(r["idempotency_key"], r["param"]) for r in no_subject.json()["results"]] == [
+        ("//acme/billing k7", "subject")]
+    assert [(r["idempotency_key"], r["param"]) for r in no_id.json()["results"]] == [
+        (None, "id")]
+
+
 async def test_an_idempotency_key_covers_a_binary_cloudevents_headers(ingestion: Ingestion):
     """In binary mode the event is in the ce-* headers: two events with the same body are two
     requests, so reusing the Idempotency-Key is refused rather than replaying the first."""

@@ -113,6 +113,23 @@ def test_key_length_limit():
     assert err.param == "id"
 
 
+def test_composed_key_of_a_raw_event():
+    assert ce.composed_key(structured()) == "/billing/api-gateway evt-1"
+    # whatever else is wrong with the event: its key is reported with its rejection
+    assert ce.composed_key(structured(data=[1], subject=..., data_base64="eA==")) == (
+        "/billing/api-gateway evt-1")
+    assert ce.composed_key({"source": "//acme", "id": "i1"}) == "//acme i1"
+
+
+@pytest.mark.parametrize("event", [
+    structured(id=...), structured(source=...), structured(id=None), structured(id=""),
+    structured(source=""), structured(id=7), structured(source=["/s"]),
+    structured(source="/my source"), structured(id="i" * 300), [structured()], "x", None,
+])
+def test_composed_key_is_none_without_a_valid_source_and_id(event):
+    assert ce.composed_key(event) is None
+
+
 # ---------------------------------------------------------------- structured mode
 
 
@@ -532,3 +549,33 @@ def test_all_modes_agree():
     kafka_raw = ce.from_kafka_binary(kafka_headers(), data)
     assert structured_raw == http_raw == kafka_raw
     assert structured_raw["quantity"] == Decimal("0.1")
+
+
+# ---------------------------------------------------------------- the key of a binary event
+
+
+def test_composed_key_of_binary_headers():
+    assert ce.http_binary_key(http_headers()) == "/billing/api-gateway evt-1"
+    assert ce.http_binary_key(http_headers(ce_subject=..., ce_id="a%20b")) == (
+        "/billing/api-gateway a b")
+    assert ce.http_binary_key({"CE-Source": "//acme", "Ce-Id": "i1"}) == "//acme i1"
+    assert ce.kafka_binary_key(kafka_headers()) == "/billing/api-gateway evt-1"
+    assert ce.kafka_binary_key([(b"ce_source", b"//acme"), (b"ce_id", b"i1")]) == "//acme i1"
+
+
+@pytest.mark.parametrize("headers", [
+    http_headers(ce_id=...), http_headers(ce_source=...), http_headers(ce_id=""),
+    http_headers(ce_source="/a%20b"), http_headers(ce_id="%FF"), http_headers(ce_id="caf\u00e9"),
+    http_headers(ce_id="i" * 300),
+    RepeatingHeaders([*http_headers().items(), ("CE-ID", "evt-2")]),
+])
+def test_http_binary_key_is_none_without_a_valid_source_and_id(headers):
+    assert ce.http_binary_key(headers) is None
+
+
+@pytest.mark.parametrize("headers", [
+    kafka_headers(ce_id=...), kafka_headers(ce_id=None), kafka_headers(ce_source=b"/a b"),
+    kafka_headers(ce_id=b"\xff"), [*kafka_headers(), ("ce_source", b"/other")],
+])
+def test_kafka_binary_key_is_none_without_a_valid_source_and_id(headers):
+    assert ce.kafka_binary_key(headers) is None
