@@ -189,7 +189,8 @@ def from_structured(ce: Any) -> dict[str, Any]:
 
 def from_http_binary(headers: Mapping[str, str], data: Any) -> dict[str, Any]:
     """HTTP binary content mode: attributes in `ce-*` headers, `data` the parsed JSON body
-    (None for an empty body)."""
+    (None for an empty body, or one not read because its Content-Type is not JSON: that
+    datacontenttype is refused before data is looked at)."""
     attributes: dict[str, Any] = {}
     for raw_name, raw_value in _items(headers):
         name = raw_name.lower()
@@ -257,7 +258,7 @@ def _to_native(attributes: Mapping[str, Any], *, data: Any) -> dict[str, Any]:
                        "specversion")
     values = {name: _required_text(attributes, name) for name in _REQUIRED}
     content_type = attributes.get("datacontenttype")
-    if content_type is not None and not _is_json_media_type(content_type):
+    if content_type is not None and not is_json_media_type(content_type):
         raise _invalid("datacontenttype must be application/json or a +json media type",
                        "datacontenttype")
     if attributes.get("data_base64") is not None:
@@ -292,7 +293,9 @@ def _required_text(attributes: Mapping[str, Any], name: str) -> str:
     return value
 
 
-def _is_json_media_type(value: Any) -> bool:
+def is_json_media_type(value: Any) -> bool:
+    """`application/json` or a `+json` media type, parameters allowed: a datacontenttype
+    usage data may have."""
     if not isinstance(value, str):
         return False
     media_type = value.split(";", 1)[0].strip().lower()

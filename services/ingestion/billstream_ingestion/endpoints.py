@@ -111,7 +111,11 @@ def _events_of(request: Request, body: bytes, max_events: int
     events that came as CloudEvents, the rejections made while mapping)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if "ce-specversion" in request.headers:  # binary mode: the body is the event's data
-        data = _parse_json(body) if body.strip() else None
+        # data that is not JSON is not read: the mapping rejects the event for its
+        # datacontenttype, as it would in any mode; JSON that does not parse is a bad body
+        declared = request.headers.get("content-type")
+        as_json = declared is None or cloudevents.is_json_media_type(declared)
+        data = _parse_json(body) if as_json and body.strip() else None
         return _mapped([(partial(cloudevents.from_http_binary, request.headers, data),
                          partial(cloudevents.http_binary_key, request.headers))])
     if content_type == cloudevents.STRUCTURED:

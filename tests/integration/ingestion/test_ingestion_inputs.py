@@ -128,6 +128,29 @@ async def test_cloudevents_rejected_while_mapping_report_their_composed_key(
         (None, "id")]
 
 
+async def test_binary_data_that_is_not_json_is_rejected_per_event(ingestion: Ingestion):
+    """A datacontenttype other than JSON is a rejected event, in the 200 answer, with its
+    key; a JSON content type over a body that is not JSON is a bad body (400 invalid_json),
+    as in the other modes."""
+    await ingestion.create_meter("api_calls")
+    headers = {"ce-specversion": "1.0", "ce-id": "t1", "ce-source": "//acme/billing",
+               "ce-type": "api_calls", "ce-subject": "acme-1", "ce-time": RECENT}
+    async with ingestion.client() as c:
+        text = await c.post("/v1/usage/events", content=b"hello",
+                            headers={**headers, "Content-Type": "text/plain"})
+        bad_json = await c.post("/v1/usage/events", content=b"hello",
+                                headers={**headers, "ce-id": "t2",
+                                         "Content-Type": "application/json"})
+    assert text.status_code == 200, text.text
+    assert text.json()["rejected"] == 1
+    [res] = text.json()["results"]
+    assert (res["idempotency_key"], res["status"], res["code"], res["param"]) == (
+        "//acme/billing t1", "rejected", "invalid_event", "datacontenttype")
+    assert bad_json.status_code == 400, bad_json.text
+    assert bad_json.json()["error"]["code"] == "invalid_json"
+    assert await ingestion.accepted_events() == []
+
+
 async def test_an_idempotency_key_covers_a_binary_cloudevents_headers(ingestion: Ingestion):
     """In binary mode the event is in the ce-* headers: two events with the same body are two
     requests, so reusing the Idempotency-Key is refused rather than replaying the first."""
