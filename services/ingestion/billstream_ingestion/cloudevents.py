@@ -46,7 +46,8 @@ Content modes:
   is `data`: `from_http_binary`;
 - Kafka binary: attributes in `ce_<name>` headers (UTF-8 values, no percent-encoding),
   `datacontenttype` in `content-type`, the message value is `data`: `from_kafka_binary`.
-  `is_kafka_binary` tells it from a structured message.
+  `is_kafka_binary` tells it from a structured message (a `content-type` of
+  `application/cloudevents…` means structured, even with `ce_*` headers).
 
 A repeated attribute header (HTTP or Kafka) is refused: which value would be meant is unclear.
 """
@@ -64,6 +65,8 @@ from billstream_ingestion.domain import MAX_KEY_LENGTH, BodyError, EventError, O
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 SPECVERSION = "1.0"
+#: a `content-type` starting so names an event format: the record is in structured mode
+_EVENT_FORMAT = "application/cloudevents"
 
 # the attributes this mapping reads; every other one is an ignored extension
 _REQUIRED = ("id", "source", "type", "subject")
@@ -161,8 +164,18 @@ def is_structured_json(obj: Any) -> bool:
 
 
 def is_kafka_binary(headers: Sequence[tuple[str, bytes | None]]) -> bool:
-    """A Kafka record in binary content mode: it carries a `ce_specversion` header."""
-    return any(_text_name(name) == f"{_KAFKA_PREFIX}specversion" for name, _value in headers)
+    """A Kafka record in binary content mode: it carries a `ce_specversion` header, and no
+    `content-type` of an event format (`application/cloudevents…`), which means structured
+    mode whatever other headers say (Kafka protocol binding §3)."""
+    binary = False
+    for name, value in headers:
+        text = _text_name(name)
+        if text == f"{_KAFKA_PREFIX}specversion":
+            binary = True
+        elif text.lower() == "content-type" and value is not None and bytes(value).decode(
+                "latin-1").strip().lower().startswith(_EVENT_FORMAT):
+            return False
+    return binary
 
 
 def split_batch(body: Any, max_events: int) -> list[Any]:

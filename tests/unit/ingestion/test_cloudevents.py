@@ -88,6 +88,24 @@ def test_detection():
     assert not ce.is_kafka_binary([])
 
 
+@pytest.mark.parametrize("name, value", [
+    ("content-type", b"application/cloudevents+json"),
+    ("Content-Type", b"application/cloudevents+json; charset=utf-8"),
+    ("CONTENT-TYPE", b" Application/CloudEvents+JSON"),
+    (b"content-type", b"application/cloudevents+json"),
+    ("content-type", b"application/cloudevents"),
+])
+def test_an_event_format_content_type_means_kafka_structured_mode(name, value):
+    # the Kafka binding: a content-type of application/cloudevents... is structured mode, even
+    # with ce_* headers (the value is then read as a structured event)
+    headers = [(n, v) for n, v in kafka_headers() if n != "content-type"]
+    assert not ce.is_kafka_binary([*headers, (name, value)])
+    assert not ce.is_kafka_binary([(name, value), *headers])
+    assert ce.is_kafka_binary(headers)  # no content-type: binary
+    assert ce.is_kafka_binary([*headers, (name, None)])
+    assert ce.is_kafka_binary([*headers, (name, b"application/json; charset=utf-8")])
+
+
 # ---------------------------------------------------------------- the key
 
 
