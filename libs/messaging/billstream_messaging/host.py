@@ -25,6 +25,7 @@ from fastapi import APIRouter, FastAPI
 from faststream.kafka import KafkaBroker
 
 from billstream_contracts.topics import SUBSCRIPTION_EVENTS
+from billstream_messaging import records
 from billstream_messaging.consumer import EventConsumer, EventContext
 from billstream_messaging.groups import leave_group_on_stop
 from billstream_messaging.relay import OutboxRelay
@@ -76,6 +77,7 @@ class ServiceHost:
         state: Mapping[str, object] | None = None,
         connection_setup: db.ConnectionSetup | None = None,
     ) -> None:
+        records.install()  # a record whose header names are not UTF-8 must not stop a consumer
         self.settings = settings
         self.connection_setup = connection_setup  # run on each new database connection
         self.name = settings.service_name

@@ -27,6 +27,7 @@ import orjson
 
 from billstream_ingestion import cloudevents, domain
 from billstream_ingestion.domain import EventError, Outcome
+from billstream_messaging.records import printable_header_name
 
 API_KEY_HEADER = "billstream-api-key"
 OUTCOME_HEADER = "billstream-outcome"
@@ -156,7 +157,8 @@ HEADERS_OMITTED_HEADER = "billstream-headers-omitted"
 
 def forwarded_headers(headers: Any, status: str,
                       max_bytes: int = MAX_FORWARDED_HEADER_BYTES) -> list[tuple[str, bytes]]:
-    """The input record's headers minus the API key, plus the outcome. Headers past
+    """The input record's headers minus the API key, plus the outcome (a name that was not
+    UTF-8 written with \\x escapes: billstream_messaging.records). Headers past
     `max_bytes` in all are left out, and their number is given in
     `billstream-headers-omitted` (the input record, which `source` names, has them)."""
     out: list[tuple[str, bytes]] = []
@@ -169,7 +171,7 @@ def forwarded_headers(headers: Any, status: str,
         if size > max_bytes:
             omitted += 1
             continue
-        out.append((name, value))
+        out.append((printable_header_name(name), value))
     if omitted:
         out.append((HEADERS_OMITTED_HEADER, str(omitted).encode()))
     out.append((OUTCOME_HEADER, status.encode()))

@@ -233,6 +233,48 @@ async def test_a_record_too_large_to_echo_is_reported_without_its_value(
     await _offsets_reach(ingestion, 3)
 
 
+async def test_records_with_a_header_name_that_is_not_utf8_are_read(ingestion: Ingestion,
+                                                                     monkeypatch):
+    """librdkafka sends header names as any bytes; aiokafka alone raises on such a record
+    every time it is fetched, stopping every partition of the input. The records are read
+    (billstream_messaging.records); the name travels in reports with \\x escapes."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.producer import message_accumulator
+    from aiokafka.producer import producer as producer_module
+    from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+
+    class Raw(str):  # a header name that the (pure-Python) builder writes as these bytes
+        def encode(self, *args, **kwargs):
+            return b"x-\xff"
+
+    await ingestion.create_meter("api_calls")
+    auth = ("billstream-api-key", ingestion.key.encode())
+    for module in (message_accumulator, producer_module):
+        monkeypatch.setattr(module, "DefaultRecordBatchBuilder", _DefaultRecordBatchBuilderPy)
+    producer = AIOKafkaProducer(bootstrap_servers=ingestion.bootstrap, acks="all",
+                                enable_idempotence=False, linger_ms=50)
+    await producer.start()
+    try:  # one batch: good records before and after the bad ones
+        sent = [await producer.send(ingestion.raw_topic, key=b"acme-1", value=value,
+                                    headers=headers) for value, headers in [
+            (native("h-0"), [auth]),
+            (native("h-1"), [auth, (Raw("x"), b"v")]),
+            (native("h-2", meter="nope"), [auth, (Raw("x"), b"w")]),
+            (native("h-3"), [auth]),
+        ]]
+        offsets = [(await f).offset for f in sent]
+    finally:
+        await producer.stop()
+    monkeypatch.undo()
+    assert offsets == [0, 1, 2, 3]
+    await ingestion.produce_raw((b"other-9", native("h-4", customer="other-9"), [auth]))
+    assert sorted(await accepted_keys(ingestion, 4)) == ["h-0", "h-1", "h-3", "h-4"]
+    [report] = await ingestion.rejections(1)
+    assert (report["code"], report["idempotency_key"]) == ("unknown_meter", "h-2")
+    assert report["_headers"]["x-\\xff"] == b"w"
+    await _offsets_reach(ingestion, 5)
+
+
 async def _count(items) -> int:
     return len(items)
 
