@@ -51,6 +51,7 @@ _API_KEYS: dict[bytes, str] = {}
 def decode(value: bytes | None, headers: Any, max_bytes: int) -> Decoded:
     headers = list(headers or ())
     api_key = None
+    unreadable_key = False
     for name, header_value in headers:
         if name.lower() == API_KEY_HEADER and header_value is not None:
             api_key = _API_KEYS.get(header_value) if type(header_value) is bytes else None
@@ -58,20 +59,27 @@ def decode(value: bytes | None, headers: Any, max_bytes: int) -> Decoded:
                 try:
                     api_key = bytes(header_value).decode("utf-8").strip()
                 except UnicodeDecodeError:
-                    api_key = None
+                    unreadable_key = True
                 else:
                     if type(header_value) is bytes:
                         if len(_API_KEYS) > 1024:
                             _API_KEYS.clear()
                         _API_KEYS[header_value] = api_key
+    if unreadable_key and api_key is None:
+        return Decoded(None, error=EventError(
+            "invalid_api_key", f"The {API_KEY_HEADER} header is not UTF-8 text",
+            API_KEY_HEADER))
     # the API key alone is not a CloudEvent: binary mode needs ce_* headers besides it
     binary = len(headers) > 1 and cloudevents.is_kafka_binary(headers)
-    if binary and not (value or b"").strip():  # binary mode with no data: data is absent
+    if binary and (not (value or b"").strip() or not _json_content(headers)):
+        # no data (data is absent), or data that is not JSON: refused for its
+        # datacontenttype before the value is read
         try:
             return Decoded(api_key, cloudevents.from_kafka_binary(headers, None),
                            cloudevent=True)
         except EventError as err:
-            return Decoded(api_key, error=err, cloudevent=True)
+            return Decoded(api_key, error=err, idempotency_key=cloudevents.kafka_binary_key(
+                headers), cloudevent=True)
     if value is None:
         return Decoded(api_key, error=EventError("invalid_event", "The record has no value",
                                                  None))
@@ -90,15 +98,27 @@ def decode(value: bytes | None, headers: Any, max_bytes: int) -> Decoded:
                            cloudevent=True)
         if cloudevents.is_structured_json(parsed):
             return Decoded(api_key, cloudevents.from_structured(parsed), cloudevent=True)
-    except EventError as err:
-        key = None
-        if isinstance(parsed, dict) and isinstance(parsed.get("id"), str):
-            key = parsed.get("id")
+    except EventError as err:  # reported with the composed key when there is one
+        key = (cloudevents.kafka_binary_key(headers) if binary
+               else cloudevents.composed_key(parsed))
         return Decoded(api_key, error=err, idempotency_key=key, cloudevent=True)
     if not isinstance(parsed, dict):
         return Decoded(api_key, error=EventError(
             "invalid_event", "The record value must be one usage event (a JSON object)", None))
     return Decoded(api_key, parsed)
+
+
+def _json_content(headers: list) -> bool:
+    """Whether a binary-mode record's `content-type` (its datacontenttype) is JSON, or
+    absent (JSON is assumed)."""
+    for name, header_value in headers:
+        if name.lower() == "content-type":
+            try:
+                text = bytes(header_value or b"").decode("utf-8")
+            except UnicodeDecodeError:
+                return False
+            return cloudevents.is_json_media_type(text)
+    return True
 
 
 def rejection(

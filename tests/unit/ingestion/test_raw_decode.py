@@ -1,0 +1,56 @@
+"""How a Kafka input record is read (raw_records.decode): what a CloudEvent that cannot be
+mapped is reported as, and an API key header that is not text."""
+
+from __future__ import annotations
+
+import orjson
+
+from billstream_ingestion import raw_records
+
+AUTH = (raw_records.API_KEY_HEADER, b"sk_test_x")
+CAP = 64 * 1024
+
+
+def _binary(id_: bytes, *extra: tuple[str, bytes]) -> list[tuple[str, bytes]]:
+    return [AUTH, ("ce_specversion", b"1.0"), ("ce_id", id_), ("ce_source", b"//s"),
+            ("ce_type", b"api_calls"), ("ce_subject", b"acme-1"), *extra]
+
+
+def test_a_structured_event_that_cannot_be_mapped_is_reported_with_its_composed_key():
+    value = orjson.dumps({"specversion": "1.0", "id": "x1", "source": "//s",
+                          "type": "api_calls", "subject": "acme-1", "data": [1]})
+    decoded = raw_records.decode(value, [AUTH], CAP)
+    assert (decoded.error.code, decoded.error.param) == ("invalid_event", "data")
+    assert decoded.idempotency_key == "//s x1" and decoded.cloudevent
+    no_source = orjson.dumps({"specversion": "1.0", "id": "x1", "type": "api_calls"})
+    assert raw_records.decode(no_source, [AUTH], CAP).idempotency_key is None
+
+
+def test_a_binary_event_that_cannot_be_mapped_is_reported_with_its_composed_key():
+    decoded = raw_records.decode(b"[1, 2]", _binary(b"x2"), CAP)
+    assert (decoded.error.param, decoded.idempotency_key) == ("data", "//s x2")
+
+
+def test_binary_data_that_is_not_json_is_refused_for_its_content_type_not_as_bad_json():
+    for value in (b"hello", b""):
+        decoded = raw_records.decode(value, _binary(b"x3", ("content-type", b"text/plain")),
+                                     CAP)
+        assert (decoded.error.code, decoded.error.param) == ("invalid_event",
+                                                             "datacontenttype")
+        assert decoded.idempotency_key == "//s x3"
+    unreadable = raw_records.decode(b"hello", _binary(b"x4", ("content-type", b"\xff")), CAP)
+    assert unreadable.error.param == "datacontenttype"
+    # a JSON content type (parameters allowed) reads the value as JSON
+    ok = raw_records.decode(b'{"quantity": 2}', _binary(
+        b"x5", ("Content-Type", b"application/json; charset=utf-8")), CAP)
+    assert ok.error is None and ok.raw["quantity"] == 2
+    bad_json = raw_records.decode(b"hello", _binary(b"x6", ("content-type",
+                                                            b"application/json")), CAP)
+    assert bad_json.error.code == "invalid_json"
+
+
+def test_an_api_key_header_that_is_not_utf8_is_said_to_be_so():
+    decoded = raw_records.decode(b"{}", [(raw_records.API_KEY_HEADER, b"\xff")], CAP)
+    assert (decoded.error.code, decoded.error.param) == ("invalid_api_key",
+                                                         raw_records.API_KEY_HEADER)
+    assert "not UTF-8" in decoded.error.message
