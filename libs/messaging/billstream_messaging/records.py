@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from aiokafka.consumer import fetcher as _fetcher
+from aiokafka.errors import CorruptRecordException
 from aiokafka.record.default_records import _DefaultRecordBatchPy
 
 _COMPILED = _fetcher.MemoryRecords
@@ -45,8 +46,7 @@ class TolerantMemoryRecords:
 
     def next_batch(self) -> Any:
         batch = self._records.next_batch()
-        # headers exist from v2 on; a control batch is read with next() (and has none)
-        if batch is None or getattr(batch, "magic", 2) < 2 or batch.is_control_batch:
+        if batch is None or batch.is_control_batch:  # (read with next(); it has no headers)
             return batch
         return _TolerantBatch(batch, self._data)
 
@@ -67,7 +67,11 @@ class _TolerantBatch:
             for record in self._batch:
                 last = record.offset
                 yield record
-        except UnicodeDecodeError:
+        except (UnicodeDecodeError, CorruptRecordException) as exc:
+            # aiokafka's Python reader (no compiled extensions) wraps the decode error
+            if not (isinstance(exc, UnicodeDecodeError)
+                    or isinstance(exc.__cause__, UnicodeDecodeError)):
+                raise
             yield from lenient_records(self._data, self._batch.base_offset, after=last)
 
 
@@ -87,6 +91,8 @@ def lenient_records(data: bytes, base_offset: int, after: int | None = None) -> 
                     yield record
             return
         pos = end
+    # the fetcher would go on past the batch's records as if they had been read
+    raise CorruptRecordException(f"No record batch at offset {base_offset} to read again")
 
 
 _LOG_OVERHEAD = struct.Struct(">qi")

@@ -79,8 +79,35 @@ def test_a_name_that_was_not_utf8_is_printed_with_escapes() -> None:
     assert printable_header_name("é") == "é"
 
 
-def test_install_puts_it_under_every_aiokafka_consumer() -> None:
+def test_install_puts_it_under_every_aiokafka_consumer(monkeypatch) -> None:
     from aiokafka.consumer import fetcher
 
+    monkeypatch.setattr(fetcher, "MemoryRecords", fetcher.MemoryRecords)  # (put back after)
     install()
     assert fetcher.MemoryRecords is TolerantMemoryRecords
+
+
+def test_without_compiled_extensions_too(monkeypatch) -> None:
+    """aiokafka's Python reader (AIOKAFKA_NO_EXTENSIONS, or no wheel for the platform) raises
+    the decode error wrapped in CorruptRecordException."""
+    from aiokafka.record import memory_records
+    from aiokafka.record.default_records import _DefaultRecordBatchPy
+
+    from billstream_messaging import records
+
+    data = _batch(BAD, 11)
+    monkeypatch.setattr(records, "_COMPILED", memory_records._MemoryRecordsPy)
+    monkeypatch.setattr(memory_records, "DefaultRecordBatch", _DefaultRecordBatchPy)
+    with pytest.raises(Exception) as raised:  # what aiokafka alone does
+        _read(memory_records._MemoryRecordsPy, data)
+    assert isinstance(raised.value.__cause__, UnicodeDecodeError)
+    assert [r[0] for r in _read(TolerantMemoryRecords, data)] == [11, 12, 13]
+
+
+def test_a_batch_that_cannot_be_found_again_is_an_error_not_a_skip() -> None:
+    from aiokafka.errors import CorruptRecordException
+
+    from billstream_messaging.records import lenient_records
+
+    with pytest.raises(CorruptRecordException):
+        list(lenient_records(_batch(BAD, 11), base_offset=99))
