@@ -110,7 +110,10 @@ def _events_of(request: Request, body: bytes, max_events: int
     """(raw native events — None where an event was rejected while mapping —, the indices of
     events that came as CloudEvents, the rejections made while mapping)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if "ce-specversion" in request.headers:  # binary mode: the body is the event's data
+    # binary mode (the body is the event's data), unless the content type says structured
+    # or batch mode, which wins over ce-* headers as the HTTP binding has it
+    if "ce-specversion" in request.headers and not content_type.startswith(
+            "application/cloudevents"):
         # data that is not JSON is not read: the mapping rejects the event for its
         # datacontenttype, as it would in any mode; JSON that does not parse is a bad body
         declared = request.headers.get("content-type")

@@ -274,15 +274,14 @@ class RawInput:
             if decoded[index].cloudevent:
                 outcome = cloudevents.in_cloudevent_terms(outcome)
             scope = tenant_of.get(index)
-            value = raw_records.rejection(
+            report = raw_records.report(
                 outcome=outcome, topic=rec.topic, partition=rec.partition, offset=rec.offset,
-                key=rec.key, value=rec.value,
+                key=rec.key, value=rec.value, headers=rec.headers,
                 tenant_id=scope.tenant_id if scope else None,
                 environment=scope.environment if scope else None, now=now,
                 max_echo_bytes=self.settings.raw_max_record_bytes)
-            futures.append(await producer.send(
-                USAGE_REJECTED, value=value, key=rec.key,
-                headers=raw_records.forwarded_headers(rec.headers, outcome.status)))
+            futures.append(await producer.send(USAGE_REJECTED, value=report.value,
+                                               key=report.key, headers=report.headers))
         if futures:
             await asyncio.gather(*futures)
 
@@ -337,8 +336,8 @@ class _LogRebalance(ConsumerRebalanceListener):
 
 @dataclass(slots=True)
 class _Inflight:
-    """A poll being written: its task (True when committed, False when it failed and
-    rewound its partitions) and its records by partition."""
+    """A poll being written: its task (True when committed, False when it failed: the loop
+    then rewinds it, `_settle`) and its records by partition."""
 
     task: asyncio.Task
     polled: dict

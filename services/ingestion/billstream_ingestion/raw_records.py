@@ -19,6 +19,7 @@ An input record (see docs/ingestion.md, "Kafka input"):
 from __future__ import annotations
 
 import base64
+import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -113,12 +114,80 @@ def _json_content(headers: list) -> bool:
     absent (JSON is assumed)."""
     for name, header_value in headers:
         if name.lower() == "content-type":
+            if header_value is None:  # a null header is no content type (as the mapping has it)
+                return True
             try:
-                text = bytes(header_value or b"").decode("utf-8")
+                text = bytes(header_value).decode("utf-8")
             except UnicodeDecodeError:
                 return False
             return cloudevents.is_json_media_type(text)
     return True
+
+
+#: A report (its key, value and headers) stays under this many bytes: aiokafka's producer
+#: refuses a record over `max_request_size` (1 MiB by default), and so do brokers over
+#: `message.max.bytes` (about 1 MB by default). A report that cannot be sent holds its poll,
+#: and every record behind it, back for good.
+REPORT_BUDGET_BYTES = 512 * 1024
+#: At most this many bytes of the input record's headers travel with its report.
+MAX_FORWARDED_HEADER_BYTES = 64 * 1024
+HEADERS_OMITTED_HEADER = "billstream-headers-omitted"
+_HEADER_OVERHEAD = 10  # a header's two length varints, and then some
+_SHORT_TEXT = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A record for `billstream.usage.rejected`."""
+
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+    def size(self) -> int:
+        return (len(self.key or b"") + len(self.value)
+                + sum(len(name.encode("utf-8")) + len(v) + _HEADER_OVERHEAD
+                      for name, v in self.headers))
+
+
+def report(*, outcome: Outcome, topic: str, partition: int, offset: int, key: bytes | None,
+           value: bytes | None, headers: Any, tenant_id: str | None,
+           environment: str | None, now: datetime | None = None,
+           max_echo_bytes: int = 64 * 1024,
+           budget: int = REPORT_BUDGET_BYTES) -> Report:
+    """The report of an input record's outcome (documented shape), keyed like the input
+    record and with its headers (`forwarded_headers`), always under `budget` bytes. Until it
+    fits, it leaves out, in this order: the echo of the input's value, the echo of its key,
+    the input's headers, the input's key as the report's key, and any text of the outcome
+    past 1 KiB. `source` names the input record, which the topic keeps."""
+    forwarded = forwarded_headers(headers, outcome.status)
+    report_key = key if key is None or len(key) <= max_echo_bytes else None
+    common = dict(outcome=outcome, topic=topic, partition=partition, offset=offset, key=key,
+                  value=value, tenant_id=tenant_id, environment=environment,
+                  now=now or datetime.now(UTC), max_echo_bytes=max_echo_bytes)
+    attempts: list[tuple[dict[str, Any], list[tuple[str, bytes]], bytes | None]] = [
+        ({}, forwarded, report_key),
+        ({"echo_value": False}, forwarded, report_key),
+        ({"echo_value": False, "echo_key": False}, forwarded, report_key),
+        ({"echo_value": False, "echo_key": False},
+         forwarded_headers(headers, outcome.status, max_bytes=0), report_key),
+    ]
+    for change, report_headers, kafka_key in attempts:
+        made = Report(kafka_key, rejection(**{**common, **change}), report_headers)
+        if made.size() <= budget:
+            return made
+    short = dataclasses.replace(outcome, **{
+        name: _shortened(getattr(outcome, name))
+        for name in ("idempotency_key", "message", "param")})
+    return Report(None, rejection(**{**common, "outcome": short, "echo_value": False,
+                                     "echo_key": False}),
+                  forwarded_headers(headers, outcome.status, max_bytes=0))
+
+
+def _shortened(text: str | None) -> str | None:
+    if text is None or len(text) <= _SHORT_TEXT:
+        return text
+    return text[:_SHORT_TEXT] + "…"
 
 
 def rejection(
@@ -133,18 +202,18 @@ def rejection(
     environment: str | None,
     now: datetime | None = None,
     max_echo_bytes: int = 64 * 1024,
+    echo_key: bool = True,
+    echo_value: bool = True,
 ) -> bytes:
-    """The JSON value of a record on `billstream.usage.rejected` (documented shape).
-
-    The input record's key and value are echoed when each is at most `max_echo_bytes` (the
-    input's cap for one event), else left out (`value_omitted`, `value_bytes`): a report
-    must always fit in a Kafka record, or the poll holding it could never be committed.
-    `source` names the input record, which the topic keeps."""
+    """The JSON value of a record on `billstream.usage.rejected` (documented shape; `report`
+    makes the whole record). The input record's key and value are echoed when each is at
+    most `max_echo_bytes` (the input's cap for one event) and asked for, else left out
+    (`value_omitted`, `value_bytes`)."""
     record: dict[str, Any] = {"key": None, "value": None}
-    for name, raw in (("key", key), ("value", value)):
+    for name, raw, echo in (("key", key, echo_key), ("value", value, echo_value)):
         if raw is None:
             continue
-        if len(raw) > max_echo_bytes:
+        if not echo or len(raw) > max_echo_bytes:
             record[f"{name}_omitted"] = True
             record[f"{name}_bytes"] = len(raw)
             continue
@@ -170,28 +239,25 @@ def rejection(
     return orjson.dumps(body, option=orjson.OPT_UTC_Z)
 
 
-#: At most this many bytes of the input record's headers travel with its report.
-MAX_FORWARDED_HEADER_BYTES = 64 * 1024
-HEADERS_OMITTED_HEADER = "billstream-headers-omitted"
-
-
 def forwarded_headers(headers: Any, status: str,
                       max_bytes: int = MAX_FORWARDED_HEADER_BYTES) -> list[tuple[str, bytes]]:
     """The input record's headers minus the API key, plus the outcome (a name that was not
     UTF-8 written with \\x escapes: billstream_messaging.records). Headers past
-    `max_bytes` in all are left out, and their number is given in
-    `billstream-headers-omitted` (the input record, which `source` names, has them)."""
+    `max_bytes` in all (names, values and a few bytes each) are left out, and their number
+    is given in `billstream-headers-omitted` (the input record, which `source` names, has
+    them)."""
     out: list[tuple[str, bytes]] = []
     size = omitted = 0
     for name, v in headers or ():
         if name.lower() == API_KEY_HEADER:
             continue
         value = bytes(v) if v is not None else b""
-        size += len(name) + len(value)
+        printable = printable_header_name(name)
+        size += len(printable.encode("utf-8")) + len(value) + _HEADER_OVERHEAD
         if size > max_bytes:
             omitted += 1
             continue
-        out.append((printable_header_name(name), value))
+        out.append((printable, value))
     if omitted:
         out.append((HEADERS_OMITTED_HEADER, str(omitted).encode()))
     out.append((OUTCOME_HEADER, status.encode()))

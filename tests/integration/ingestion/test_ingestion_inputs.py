@@ -88,6 +88,25 @@ async def test_binary_cloudevent(ingestion: Ingestion):
     assert events["//acme/billing bin-2"]["quantity"] == "1"
 
 
+async def test_a_structured_content_type_wins_over_ce_headers(ingestion: Ingestion):
+    """As on the Kafka input: `Content-Type: application/cloudevents+json` is structured mode
+    even when ce-* headers come along (a proxy may add them); the body is the event."""
+    await ingestion.create_meter("api_calls")
+    event = {"specversion": "1.0", "id": "st-1", "source": "//acme", "type": "api_calls",
+             "subject": "acme-1", "time": RECENT, "data": {"quantity": "4"}}
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events", content=orjson.dumps(event), headers={
+            "Content-Type": "application/cloudevents+json; charset=utf-8",
+            "ce-specversion": "1.0", "ce-id": "other", "ce-source": "//elsewhere",
+            "ce-type": "api_calls", "ce-subject": "acme-2"})
+    assert r.status_code == 200, r.text
+    [result] = r.json()["results"]
+    assert (result["status"], result["idempotency_key"]) == ("accepted", "//acme st-1")
+    events = {e["data"]["idempotency_key"]: e["data"] for e in await ingestion.accepted_events()}
+    assert (events["//acme st-1"]["customer"], events["//acme st-1"]["quantity"]) == (
+        "acme-1", "4")
+
+
 async def test_cloudevents_rejected_while_mapping_report_their_composed_key(
         ingestion: Ingestion):
     """The key is reported whenever source and id make one, in every content mode; only an

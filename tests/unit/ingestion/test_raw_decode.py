@@ -54,3 +54,9 @@ def test_an_api_key_header_that_is_not_utf8_is_said_to_be_so():
     assert (decoded.error.code, decoded.error.param) == ("invalid_api_key",
                                                          raw_records.API_KEY_HEADER)
     assert "not UTF-8" in decoded.error.message
+
+
+def test_a_null_content_type_header_is_no_content_type():
+    decoded = raw_records.decode(b'{"quantity": 5}', _binary(b"x7", ("content-type", None)),
+                                 CAP)
+    assert decoded.error is None and decoded.raw["quantity"] == 5
