@@ -61,7 +61,8 @@ def parse_request(body: Any, settings: IngestionSettings) -> CorrectionRequest:
         raise InvalidRequest("parameter_unknown", f"Unknown field '{unknown[0]}'",
                              param=unknown[0])
     key = body.get("idempotency_key")
-    if not isinstance(key, str) or not 1 <= len(key) <= domain.MAX_KEY_LENGTH:
+    if (not isinstance(key, str) or not 1 <= len(key) <= domain.MAX_KEY_LENGTH
+            or not domain.storable_text(key)):  # (no accepted key holds a NUL, say)
         raise InvalidRequest("parameter_invalid",
                              "idempotency_key must be the key of an accepted event",
                              param="idempotency_key")
@@ -74,6 +75,9 @@ def parse_request(body: Any, settings: IngestionSettings) -> CorrectionRequest:
         raise InvalidRequest("parameter_invalid",
                              f"reason must be a string of at most {MAX_REASON} characters",
                              param="reason")
+    if reason is not None and not domain.storable_text(reason):
+        raise InvalidRequest("parameter_invalid", "reason must be text, without NUL "
+                             "(\\u0000) or unpaired surrogates", param="reason")
     if action == "void":
         for name in ("quantity", "properties"):
             if body.get(name) is not None:

@@ -206,7 +206,8 @@ def parse_event(index: int, raw: Any, *, max_properties_bytes: int) -> UsageEven
         if not (type(key) is str and type(customer) is str and type(meter) is str
                 and 0 < len(key) <= MAX_KEY_LENGTH and 0 < len(customer) <= MAX_REF_LENGTH
                 and 0 < len(meter) <= MAX_REF_LENGTH
-                and key.isascii() and customer.isascii() and meter.isascii()):
+                and key.isascii() and customer.isascii() and meter.isascii()
+                and "\x00" not in key and "\x00" not in customer and "\x00" not in meter):
             key = _text(raw, "idempotency_key", MAX_KEY_LENGTH)
             customer = _text(raw, "customer", MAX_REF_LENGTH)
             meter = _text(raw, "meter", MAX_REF_LENGTH)
@@ -256,7 +257,20 @@ def _text(raw: Mapping[str, Any], name: str, max_length: int) -> str:
     if not value.isascii() and not _is_unicode_text(value):
         raise EventError("invalid_event", f"{name} holds an unpaired surrogate (\\ud800-"
                          "\\udfff escape), which is not text", name)
+    if "\x00" in value:
+        raise EventError("invalid_event", _NUL_MESSAGE.format(name), name)
     return value
+
+
+#: PostgreSQL stores no NUL in text or jsonb: an event holding one would fail its whole
+#: write (its batch over HTTP, its poll on the Kafka input, again and again) or, accepted,
+#: fail where metering keeps its properties as jsonb. It is refused like any bad value.
+_NUL_MESSAGE = "{} holds a NUL character (\\u0000), which is not allowed"
+
+
+def storable_text(value: str) -> bool:
+    """Text PostgreSQL can store: no unpaired surrogate, no NUL."""
+    return (value.isascii() or _is_unicode_text(value)) and "\x00" not in value
 
 
 def _is_unicode_text(value: str) -> bool:
@@ -375,7 +389,7 @@ def _plain_length(value: Decimal) -> int:
 def json_safe(value: Any, path: str, depth: int = 0) -> Any:
     """Properties as JSON-safe values: exact decimals (non-integer numbers) become normalized
     decimal strings, integers outside 64 bits become strings; NaN/Infinity, unpaired
-    surrogates and nesting deeper than MAX_PROPERTIES_DEPTH are refused.
+    surrogates, NUL characters and nesting deeper than MAX_PROPERTIES_DEPTH are refused.
 
     Values that need none of this (what the parser gives for ordinary properties: text, 64-bit
     integers, booleans, null, shallow objects and arrays) are returned as they are, after one
@@ -392,11 +406,11 @@ def _is_safe(value: Any, depth: int) -> bool:
         if depth >= MAX_PROPERTIES_DEPTH:
             return False
         for key, item in value.items():
-            if type(key) is not str or not (key.isascii() or _is_unicode_text(key)):
+            if type(key) is not str or not storable_text(key):
                 return False
             kind = type(item)
             if kind is str:
-                if not (item.isascii() or _is_unicode_text(item)):
+                if not storable_text(item):
                     return False
             elif kind is int:
                 if not _INT64[0] <= item <= _INT64[1]:
@@ -407,7 +421,7 @@ def _is_safe(value: Any, depth: int) -> bool:
     if kind is list:
         return depth < MAX_PROPERTIES_DEPTH and all(_is_safe(item, depth + 1) for item in value)
     if kind is str:
-        return value.isascii() or _is_unicode_text(value)
+        return storable_text(value)
     if kind is int:
         return _INT64[0] <= value <= _INT64[1]
     return kind is bool or value is None
@@ -428,8 +442,11 @@ def _json_safe_walk(value: Any, path: str, depth: int = 0) -> Any:
             if not k.isascii() and not _is_unicode_text(k):
                 raise EventError("invalid_event", f"{path} has a key with an unpaired "
                                  "surrogate", path)
+            if "\x00" in k:
+                raise EventError("invalid_event", f"{path} has a key with a NUL character "
+                                 "(\\u0000), which is not allowed", path)
             kind = type(v)
-            if (kind is str and v.isascii()) or kind is bool or v is None or (
+            if (kind is str and v.isascii() and "\x00" not in v) or kind is bool or v is None or (
                     kind is int and _INT64[0] <= v <= _INT64[1]):
                 out[k] = v
             elif kind is Decimal and v.is_finite():
@@ -442,6 +459,8 @@ def _json_safe_walk(value: Any, path: str, depth: int = 0) -> Any:
     if isinstance(value, str):
         if not value.isascii() and not _is_unicode_text(value):
             raise EventError("invalid_event", f"{path} holds an unpaired surrogate", path)
+        if "\x00" in value:
+            raise EventError("invalid_event", _NUL_MESSAGE.format(path), path)
         return value
     if isinstance(value, int):
         return value if _INT64[0] <= value <= _INT64[1] else str(value)

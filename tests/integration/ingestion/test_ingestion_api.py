@@ -296,6 +296,27 @@ async def test_unicode_everywhere_and_a_broken_string_alone_is_rejected(ingestio
     assert data["ключ-😀"]["properties"] == {"地域": "été", "é": 1}
 
 
+async def test_a_nul_character_rejects_its_event_alone(ingestion: Ingestion):
+    """PostgreSQL stores no NUL in text or jsonb: an event holding one used to fail its whole
+    batch with a 500 (and, in properties, metering's jsonb later)."""
+    await ingestion.create_meter("api_calls")
+    body = (b'{"events": ['
+            b'{"idempotency_key": "ok-1", "customer": "c", "meter": "api_calls"},'
+            b'{"idempotency_key": "nul\\u0000", "customer": "c", "meter": "api_calls"},'
+            b'{"idempotency_key": "nul-2", "customer": "c", "meter": "api_calls",'
+            b' "properties": {"p": "a\\u0000b"}}'
+            b']}')
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events", content=body,
+                         headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [(x["status"], x.get("param")) for x in res] == [
+        ("accepted", None), ("rejected", "idempotency_key"), ("rejected", "properties.p")]
+    assert list({e["data"]["idempotency_key"] for e in await ingestion.accepted_events()}) == [
+        "ok-1"]
+
+
 async def test_a_dead_requests_idempotency_key_is_taken_over_after_the_lease(
         ingestion: Ingestion):
     """A request killed after committing part of its work leaves its Idempotency-Key

@@ -112,6 +112,12 @@ async def test_amend_replaces_quantity_and_properties(ingestion):
      "quantity"),
     ({"idempotency_key": "", "action": "void"}, "parameter_invalid", "idempotency_key"),
     ({"idempotency_key": "k", "action": "void", "extra": 1}, "parameter_unknown", "extra"),
+    # PostgreSQL stores no NUL: these were 500s
+    ({"idempotency_key": "k\x00", "action": "void"}, "parameter_invalid", "idempotency_key"),
+    ({"idempotency_key": "k", "action": "void", "reason": "a\x00"}, "parameter_invalid",
+     "reason"),
+    ({"idempotency_key": "k", "action": "amend", "properties": {"a": "\x00"}},
+     "parameter_invalid", "properties.a"),
 ])
 async def test_bad_corrections_are_refused_with_the_field(ingestion, body, code, param):
     async with ingestion.client() as c:

@@ -275,6 +275,19 @@ async def test_records_with_a_header_name_that_is_not_utf8_are_read(ingestion: I
     await _offsets_reach(ingestion, 5)
 
 
+async def test_a_nul_character_is_reported_and_does_not_hold_the_input(ingestion: Ingestion):
+    """PostgreSQL refuses NUL in text: such an event used to fail its poll's write again and
+    again, holding every record behind it."""
+    await ingestion.create_meter("api_calls")
+    auth = ("billstream-api-key", ingestion.key.encode())
+    await ingestion.produce_raw((b"acme-1", native("k\x00"), [auth]),
+                                (b"acme-1", native("after-nul"), [auth]))
+    [report] = await ingestion.rejections(1)
+    assert (report["code"], report["param"]) == ("invalid_event", "idempotency_key")
+    assert list(await accepted_keys(ingestion, 1)) == ["after-nul"]
+    await _offsets_reach(ingestion, 2)
+
+
 async def _count(items) -> int:
     return len(items)
 

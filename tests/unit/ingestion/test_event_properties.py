@@ -38,10 +38,12 @@ def parse(raw: Any, cap: int = CAP, index: int = 0) -> UsageEvent | Outcome:
 
 # ---------------------------------------------------------------- strategies
 
-# unicode without lone surrogates (see test_lone_surrogates_are_rejected below)
-texts = st.text(max_size=12)
-keys = st.text(min_size=1, max_size=domain.MAX_KEY_LENGTH)
-refs = st.text(min_size=1, max_size=domain.MAX_REF_LENGTH)
+# unicode without lone surrogates or NUL (see test_lone_surrogates_are_rejected and
+# test_nul_characters_are_rejected below)
+_chars = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
+texts = st.text(_chars, max_size=12)
+keys = st.text(_chars, min_size=1, max_size=domain.MAX_KEY_LENGTH)
+refs = st.text(_chars, min_size=1, max_size=domain.MAX_REF_LENGTH)
 
 huge_ints = st.integers(min_value=-(10**400), max_value=10**400)
 json_ints = st.one_of(st.integers(min_value=INT64[0], max_value=INT64[1]), huge_ints)
@@ -480,7 +482,7 @@ def rejected_param(raw: Any, cap: int = CAP) -> tuple[str, str | None]:
 
 @props
 @given(st.sampled_from(["idempotency_key", "customer", "meter"]),
-       st.text(min_size=256, max_size=400))
+       st.text(_chars, min_size=256, max_size=400))
 def test_strings_over_255_characters(field, value):
     assert rejected_param({**BASE, field: value}) == ("invalid_event", field)
     assert isinstance(parse({**BASE, field: value[:255]}), UsageEvent)
@@ -570,6 +572,27 @@ def _body(text: str) -> Any:
 def test_lone_surrogates_are_rejected(text):
     out = parse(_body(text))
     assert isinstance(out, Outcome) and out.code == "invalid_event"
+
+
+@pytest.mark.parametrize(("text", "param"), [
+    ('{"idempotency_key": "k\\u0000", "customer": "c", "meter": "m"}', "idempotency_key"),
+    ('{"idempotency_key": "k", "customer": "\\u0000", "meter": "m"}', "customer"),
+    ('{"idempotency_key": "k", "customer": "c", "meter": "é\\u0000"}', "meter"),
+    ('{"idempotency_key": "k", "customer": "c", "meter": "m", "properties": {"a": "x\\u0000"}}',
+     "properties.a"),
+    ('{"idempotency_key": "k", "customer": "c", "meter": "m",'
+     ' "properties": {"a": {"b": ["\\u0000"]}}}', "properties.a.b"),
+    ('{"idempotency_key": "k", "customer": "c", "meter": "m", "properties": {"\\u0000": 1}}',
+     "properties"),
+])
+def test_nul_characters_are_rejected(text, param):
+    """PostgreSQL stores no NUL in text or jsonb: accepted, such an event would fail its
+    whole batch (HTTP) or poll (Kafka) at the write, or metering's jsonb later."""
+    out = parse(_body(text))
+    assert isinstance(out, Outcome) and (out.code, out.param) == ("invalid_event", param)
+    assert "NUL" in out.message
+    # backslash-u-zero-zero-zero-zero as text is fine
+    assert isinstance(parse({**BASE, "properties": {"a": "\\u0000"}}), UsageEvent)
 
 
 @pytest.mark.parametrize("text", [
@@ -715,6 +738,9 @@ def reference_json_safe(value: Any, path: str, depth: int = 0) -> Any:
             if not k.isascii() and not domain._is_unicode_text(k):
                 raise domain.EventError("invalid_event", f"{path} has a key with an unpaired "
                                         "surrogate", path)
+            if "\x00" in k:
+                raise domain.EventError("invalid_event", f"{path} has a key with a NUL "
+                                        "character (\\u0000), which is not allowed", path)
             out[k] = reference_json_safe(v, f"{path}.{k}", depth + 1)
         return out
     if value is None or isinstance(value, bool):
@@ -723,6 +749,9 @@ def reference_json_safe(value: Any, path: str, depth: int = 0) -> Any:
         if not value.isascii() and not domain._is_unicode_text(value):
             raise domain.EventError("invalid_event", f"{path} holds an unpaired surrogate",
                                     path)
+        if "\x00" in value:
+            raise domain.EventError("invalid_event", f"{path} holds a NUL character "
+                                    "(\\u0000), which is not allowed", path)
         return value
     if isinstance(value, int):
         return value if INT64[0] <= value <= INT64[1] else str(value)
@@ -735,7 +764,8 @@ def reference_json_safe(value: Any, path: str, depth: int = 0) -> Any:
     raise domain.EventError("invalid_event", f"{path} holds an unsupported value", path)
 
 
-surrogates = st.sampled_from(["\ud800", "a\udfffb", "\udc00\ud800"])
+surrogates = st.sampled_from(["\ud800", "a\udfffb", "\udc00\ud800", "\x00", "a\x00",
+                              "é\x00"])  # (and NUL, refused as well)
 near_limit = st.integers(min_value=domain.MAX_PROPERTIES_DEPTH - 2,
                          max_value=domain.MAX_PROPERTIES_DEPTH + 1)
 
