@@ -10,7 +10,10 @@ Keys are scoped to the tenant and environment of the API key. The key is reserve
 committed row before the handler runs, so a concurrent duplicate sees it. Once the endpoint has
 run, its response is stored and replayed whatever it was, a 5xx included (as Stripe does): the
 endpoint may have committed its effect before failing, so running it again could apply it twice.
-Only refusals that ran nothing (429, 503) release the key.
+Only refusals that ran nothing (429, 503) release the key, and, on `@rerunnable` routes (below),
+a failure (a 5xx, an exception, a cancellation): running those again applies nothing twice, and
+a stored 500 would answer every retry with it. A client that disconnects before its body has
+arrived runs nothing and reserves nothing.
 
 A key whose request died with its process (a crash, a kill) stays `in_progress`: its effect
 may have committed, and running an arbitrary endpoint again could apply it twice, so a retry
@@ -108,6 +111,8 @@ class IdempotencyMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise _too_large()
         body = await _read_body(receive)
+        if body is _DISCONNECTED:  # the client left before its body arrived: nothing ran,
+            return  # nothing is reserved, and there is no one to answer
         if body is None:
             raise _too_large()
         token = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
@@ -177,12 +182,17 @@ class IdempotencyMiddleware:
                 captured["body"] += message.get("body", b"")
             await send(message)
 
+        rerun_safe = self._is_rerunnable(scope)
         try:
             await self.app(scope, _replay(body), capture)
         except BaseException:
             # The endpoint started and may have committed its effect before failing: keep the
             # answer the client gets (the error shape's 500) so that a retry cannot apply it
-            # a second time.
+            # a second time; unless running it again is safe (a rerunnable route), when the
+            # key is released for the retry to run it.
+            if rerun_safe:
+                await self._release(pool, tenant, env, key, lease)
+                raise
             if not captured["status_sent"]:
                 status, headers, error_body = await self._error_response(ApiError(
                     "internal_error", "An internal error occurred; it has been logged",
@@ -190,7 +200,7 @@ class IdempotencyMiddleware:
                 captured.update(status=status, headers=headers, body=bytearray(error_body))
             await self._store(pool, tenant, env, key, lease, captured)
             raise
-        if captured["status"] in _NOT_EXECUTED:
+        if captured["status"] in _NOT_EXECUTED or (rerun_safe and captured["status"] >= 500):
             await self._release(pool, tenant, env, key, lease)
             return
         await self._store(pool, tenant, env, key, lease, captured)
@@ -284,13 +294,18 @@ def _too_large() -> ApiError:
                     status=413)
 
 
-async def _read_body(receive) -> bytes | None:
-    """The whole body, or None when it exceeds MAX_BODY_BYTES."""
+#: What `_read_body` gives when the client disconnects before the end of its body.
+_DISCONNECTED = object()
+
+
+async def _read_body(receive) -> bytes | object | None:
+    """The whole body; None when it exceeds MAX_BODY_BYTES; `_DISCONNECTED` when the client
+    left before it ended: the part that came is not the request."""
     chunks = bytearray()
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            return _DISCONNECTED
         chunks += message.get("body", b"")
         if len(chunks) > MAX_BODY_BYTES:
             return None

@@ -296,6 +296,74 @@ async def test_unicode_everywhere_and_a_broken_string_alone_is_rejected(ingestio
     assert data["ключ-😀"]["properties"] == {"地域": "été", "é": 1}
 
 
+async def test_a_failed_ingest_releases_its_idempotency_key_for_the_retry(ingestion,
+                                                                           monkeypatch):
+    """The usage route runs safely again (each event's key dedups), so a failure, which may
+    come after the commit, is not stored to be replayed as a 500 to every retry: the key is
+    released and the retry runs the batch."""
+    from billstream_ingestion import service
+
+    await ingestion.create_meter("api_calls")
+    real_ingest, failures = service.ingest, []
+
+    async def ingest_then_fail(*args, **kwargs):
+        outcomes = await real_ingest(*args, **kwargs)  # committed
+        if not failures:
+            failures.append(1)
+            raise ConnectionResetError("the connection went away after the commit")
+        return outcomes
+
+    monkeypatch.setattr(service, "ingest", ingest_then_fail)
+    body = orjson.dumps({"events": [ev("rel-1"), ev("rel-2")]})
+    headers = {"content-type": "application/json", "Idempotency-Key": "batch-rel"}
+    async with ingestion.client() as c:
+        failed = await c.post("/v1/usage/events", content=body, headers=headers)
+        assert failed.status_code == 500
+        assert await ingestion.host.pool.fetchval(
+            "SELECT count(*) FROM idempotency_keys WHERE key = 'batch-rel'") == 0
+        retried = await c.post("/v1/usage/events", content=body, headers=headers)
+        assert retried.status_code == 200 and "idempotent-replayed" not in retried.headers
+        assert outcomes(retried.json()) == [(0, "duplicate", None), (1, "duplicate", None)]
+        replayed = await c.post("/v1/usage/events", content=body, headers=headers)
+        assert replayed.headers["idempotent-replayed"] == "true"
+        assert replayed.json() == retried.json()
+
+
+async def test_a_client_gone_before_its_body_ended_runs_nothing(ingestion: Ingestion):
+    """A disconnect in the middle of the upload is not the end of the body: the part that came
+    is not run (it was a 400 stored under the key, and the full retry then got 422)."""
+    await ingestion.create_meter("api_calls")
+    body = orjson.dumps({"events": [ev("cut-1"), ev("cut-2")]})
+    headers = [(b"authorization", f"Bearer {ingestion.key}".encode()),
+               (b"content-type", b"application/json"), (b"idempotency-key", b"batch-cut"),
+               (b"content-length", str(len(body)).encode())]
+    messages = [{"type": "http.request", "body": body[:20], "more_body": True},
+                {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    await ingestion.host.app({"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                              "method": "POST", "path": "/v1/usage/events", "raw_path":
+                              b"/v1/usage/events", "query_string": b"", "headers": headers,
+                              "scheme": "http", "server": ("ingestion", 80),
+                              "client": ("127.0.0.1", 5000), "root_path": ""},
+                             receive, send)
+    pool = ingestion.host.pool
+    assert await pool.fetchval("SELECT count(*) FROM idempotency_keys WHERE key = 'batch-cut'"
+                               ) == 0
+    assert await pool.fetchval("SELECT count(*) FROM usage_keys") == 0
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events", content=body,
+                         headers={"content-type": "application/json",
+                                  "Idempotency-Key": "batch-cut"})
+    assert r.status_code == 200 and r.json()["accepted"] == 2, r.text
+
+
 async def test_a_nul_character_rejects_its_event_alone(ingestion: Ingestion):
     """PostgreSQL stores no NUL in text or jsonb: an event holding one used to fail its whole
     batch with a 500 (and, in properties, metering's jsonb later)."""
