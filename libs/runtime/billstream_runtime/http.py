@@ -77,11 +77,12 @@ class RequestContextMiddleware:
         rid = headers.get("x-request-id") or new_id("req")
         token = request_id_var.set(rid)
         structlog.contextvars.bind_contextvars(request_id=rid)
-        status_holder = {"status": 500}
+        status_holder = {"status": 500, "started": False}
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
+                status_holder["started"] = True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"request-id", rid.encode())]
             await send(message)
@@ -96,6 +97,18 @@ class RequestContextMiddleware:
         ) as span:
             try:
                 await self.app(scope, receive, send_with_id)
+            except Exception as exc:
+                # answered here, not by Starlette's outermost error handler, which runs after
+                # this request's id is gone: a 500 carries its Request-Id like any answer
+                if status_holder["started"]:
+                    raise
+                log.exception("unhandled_error", error=str(exc))
+                status, hdrs, body = await _error_tuple(ApiError(
+                    "internal_error", "An internal error occurred; it has been logged",
+                    status=500))
+                await send_with_id({"type": "http.response.start", "status": status,
+                                    "headers": [h for h in hdrs if h[0] != b"request-id"]})
+                await send_with_id({"type": "http.response.body", "body": body})
             finally:
                 span.set_attribute("http.status_code", status_holder["status"])
                 route = _route_template(scope)

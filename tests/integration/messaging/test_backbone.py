@@ -306,6 +306,9 @@ async def test_idempotency_key_replays_rejects_and_keeps_a_failed_answer(host):
                             headers={"Idempotency-Key": "k-2"})
         assert boom.status_code == 500
         assert boom.json()["error"]["type"] == "api_error"
+        # an unhandled error's answer carries its request id, as every answer does
+        assert boom.json()["error"]["request_id"].startswith("req_")
+        assert boom.headers["request-id"] == boom.json()["error"]["request_id"]
         # The endpoint ran (it may have committed before failing): its answer is kept, so a
         # retry with the same key replays it instead of running the endpoint again.
         again = await c.post("/v1/notes", json={"text": "c", "explode": True},
