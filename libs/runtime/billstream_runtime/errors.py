@@ -90,3 +90,20 @@ class ServiceUnavailable(ApiError):
         super().__init__(
             "service_unavailable", message, headers={"Retry-After": str(max(1, retry_after_s))}
         )
+
+
+#: SQLSTATEs of text PostgreSQL cannot store: a NUL character in text (22021) or as `\u0000`
+#: in jsonb (22P05). They come from the request's data, not from a fault: 400, not 500.
+_UNSTORABLE_TEXT = frozenset({"22021", "22P05"})
+
+
+def unexpected(exc: BaseException) -> ApiError:
+    """The answer to an exception no endpoint handled: 400 `parameter_invalid` for text the
+    database cannot store (the transaction that tried rolled back; nothing was applied), else
+    500 `internal_error`."""
+    if getattr(exc, "sqlstate", None) in _UNSTORABLE_TEXT:
+        return InvalidRequest(
+            "parameter_invalid",
+            "The request holds text that cannot be stored: a NUL character (\\u0000)")
+    return ApiError("internal_error", "An internal error occurred; it has been logged",
+                    status=500)

@@ -26,7 +26,13 @@ from opentelemetry.trace import SpanKind
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from billstream_runtime.auth import AuthContext, admin_token_matches, bearer_token
-from billstream_runtime.errors import ApiError, Forbidden, InvalidRequest, Unauthorized
+from billstream_runtime.errors import (
+    ApiError,
+    Forbidden,
+    InvalidRequest,
+    Unauthorized,
+    unexpected,
+)
 from billstream_runtime.ids import new_id
 from billstream_runtime.idempotency import (
     NO_REPLAY_HEADER,
@@ -102,10 +108,10 @@ class RequestContextMiddleware:
                 # this request's id is gone: a 500 carries its Request-Id like any answer
                 if status_holder["started"]:
                     raise
-                log.exception("unhandled_error", error=str(exc))
-                status, hdrs, body = await _error_tuple(ApiError(
-                    "internal_error", "An internal error occurred; it has been logged",
-                    status=500))
+                err = unexpected(exc)
+                if err.status >= 500:
+                    log.exception("unhandled_error", error=str(exc))
+                status, hdrs, body = await _error_tuple(err)
                 await send_with_id({"type": "http.response.start", "status": status,
                                     "headers": [h for h in hdrs if h[0] != b"request-id"]})
                 await send_with_id({"type": "http.response.body", "body": body})
@@ -256,11 +262,10 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception):
-        log.exception("unhandled_error", error=str(exc))
-        return error_response(
-            ApiError("internal_error", "An internal error occurred; it has been logged",
-                     status=500)
-        )
+        err = unexpected(exc)
+        if err.status >= 500:
+            log.exception("unhandled_error", error=str(exc))
+        return error_response(err)
     _unexpected.__name__ = "unexpected"
 
     ops = APIRouter(include_in_schema=False)

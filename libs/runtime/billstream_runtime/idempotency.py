@@ -38,7 +38,13 @@ import asyncpg
 from starlette.routing import BaseRoute, Match
 
 from billstream_runtime.auth import Authenticator, admin_token_matches, bearer_token
-from billstream_runtime.errors import ApiError, InvalidRequest, Unprocessable, Conflict
+from billstream_runtime.errors import (
+    ApiError,
+    Conflict,
+    InvalidRequest,
+    Unprocessable,
+    unexpected,
+)
 
 MAX_KEY_LENGTH = 255
 #: The longest Retry-After of a 409 on a rerunnable route.
@@ -185,7 +191,7 @@ class IdempotencyMiddleware:
         rerun_safe = self._is_rerunnable(scope)
         try:
             await self.app(scope, _replay(body), capture)
-        except BaseException:
+        except BaseException as exc:
             # The endpoint started and may have committed its effect before failing: keep the
             # answer the client gets (the error shape's 500) so that a retry cannot apply it
             # a second time; unless running it again is safe (a rerunnable route), when the
@@ -193,10 +199,8 @@ class IdempotencyMiddleware:
             if rerun_safe:
                 await self._release(pool, tenant, env, key, lease)
                 raise
-            if not captured["status_sent"]:
-                status, headers, error_body = await self._error_response(ApiError(
-                    "internal_error", "An internal error occurred; it has been logged",
-                    status=500))
+            if not captured["status_sent"]:  # (the answer the client will get)
+                status, headers, error_body = await self._error_response(unexpected(exc))
                 captured.update(status=status, headers=headers, body=bytearray(error_body))
             await self._store(pool, tenant, env, key, lease, captured)
             raise

@@ -315,6 +315,19 @@ async def test_idempotency_key_replays_rejects_and_keeps_a_failed_answer(host):
                              headers={"Idempotency-Key": "k-2"})
         assert again.status_code == 500 and again.headers["idempotent-replayed"] == "true"
         assert again.json()["error"]["code"] == "internal_error"
+        # text PostgreSQL cannot store (a NUL) is the request's fault: 400, stored and
+        # replayed as such, nothing applied
+        nul = await c.post("/v1/notes", json={"text": "a\x00b"},
+                           headers={"Idempotency-Key": "k-3"})
+        assert nul.status_code == 400, nul.text
+        assert nul.json()["error"]["code"] == "parameter_invalid"
+        assert nul.headers["request-id"] == nul.json()["error"]["request_id"]
+        nul_again = await c.post("/v1/notes", json={"text": "a\x00b"},
+                                 headers={"Idempotency-Key": "k-3"})
+        assert nul_again.status_code == 400
+        assert nul_again.headers["idempotent-replayed"] == "true"
+        no_key = await c.post("/v1/notes", json={"text": "\x00"})
+        assert no_key.status_code == 400
     assert EXPLODED["n"] == 1
     assert await host.pool.fetchval("SELECT count(*) FROM notes") == 1
     assert await host.pool.fetchval(
