@@ -93,7 +93,8 @@ class ServiceUnavailable(ApiError):
 
 
 #: SQLSTATEs of text PostgreSQL cannot store: a NUL character in text (22021) or as `\u0000`
-#: in jsonb (22P05). They come from the request's data, not from a fault: 400, not 500.
+#: in jsonb (22P05; also text the database's encoding lacks, which Billstream's UTF-8
+#: databases never meet). They come from the request's data, not from a fault: 400, not 500.
 _UNSTORABLE_TEXT = frozenset({"22021", "22P05"})
 
 
@@ -104,6 +105,7 @@ def unexpected(exc: BaseException) -> ApiError:
     if getattr(exc, "sqlstate", None) in _UNSTORABLE_TEXT:
         return InvalidRequest(
             "parameter_invalid",
-            "The request holds text that cannot be stored: a NUL character (\\u0000)")
+            "The request holds text that cannot be stored (such as a NUL character, "
+            "\\u0000)")
     return ApiError("internal_error", "An internal error occurred; it has been logged",
                     status=500)

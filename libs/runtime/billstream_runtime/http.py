@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from billstream_runtime.auth import AuthContext, admin_token_matches, bearer_token
@@ -111,11 +111,15 @@ class RequestContextMiddleware:
                 err = unexpected(exc)
                 if err.status >= 500:
                     log.exception("unhandled_error", error=str(exc))
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, str(exc)))
                 status, hdrs, body = await _error_tuple(err)
                 await send_with_id({"type": "http.response.start", "status": status,
                                     "headers": [h for h in hdrs if h[0] != b"request-id"]})
                 await send_with_id({"type": "http.response.body", "body": body})
             finally:
+                if not status_holder["started"]:  # nothing was answered: the client left
+                    status_holder["status"] = 499  # (nginx's code for it), not a 500
                 span.set_attribute("http.status_code", status_holder["status"])
                 route = _route_template(scope)
                 self._metrics.http_requests.labels(

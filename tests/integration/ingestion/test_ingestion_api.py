@@ -353,6 +353,12 @@ async def test_a_client_gone_before_its_body_ended_runs_nothing(ingestion: Inges
                               "scheme": "http", "server": ("ingestion", 80),
                               "client": ("127.0.0.1", 5000), "root_path": ""},
                              receive, send)
+    assert sent == []  # no one to answer
+    counted = [line for line in ingestion.host.metrics.render().decode().splitlines()
+               if line.startswith("billstream_http_requests_total{")
+               and "POST" in line]
+    assert any('status="499"' in line for line in counted), counted  # a client abort, not 500
+    assert not any('status="500"' in line for line in counted), counted
     pool = ingestion.host.pool
     assert await pool.fetchval("SELECT count(*) FROM idempotency_keys WHERE key = 'batch-cut'"
                                ) == 0

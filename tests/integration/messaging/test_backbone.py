@@ -309,6 +309,12 @@ async def test_idempotency_key_replays_rejects_and_keeps_a_failed_answer(host):
         # an unhandled error's answer carries its request id, as every answer does
         assert boom.json()["error"]["request_id"].startswith("req_")
         assert boom.headers["request-id"] == boom.json()["error"]["request_id"]
+        # and its server span says it failed, with the exception
+        [span] = [s for s in SPANS.get_finished_spans()
+                  if s.attributes.get("billstream.request_id") == boom.headers["request-id"]]
+        assert span.status.status_code.name == "ERROR"
+        assert span.attributes["http.status_code"] == 500
+        assert any(e.name == "exception" for e in span.events)
         # The endpoint ran (it may have committed before failing): its answer is kept, so a
         # retry with the same key replays it instead of running the endpoint again.
         again = await c.post("/v1/notes", json={"text": "c", "explode": True},
