@@ -193,7 +193,6 @@ def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-
 async def create_database(conn: asyncpg.Connection, name: str) -> bool:
     """Create database `name` (on `conn`'s server) unless it exists: True when created.
     With byte-order collation (`create_database_sql`), unless template0 compares bytes

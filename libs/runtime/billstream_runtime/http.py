@@ -104,8 +104,9 @@ class RequestContextMiddleware:
             try:
                 await self.app(scope, receive, send_with_id)
             except Exception as exc:
-                # answered here, not by Starlette's outermost error handler, which runs after
-                # this request's id is gone: a 500 carries its Request-Id like any answer
+                # every unhandled exception is answered here, inside the request's context
+                # (Starlette's outermost handler would run after this request's id is gone):
+                # a 500 carries its Request-Id like any answer
                 if status_holder["started"]:
                     raise
                 err = unexpected(exc)
@@ -263,14 +264,6 @@ def create_app(
         else:
             err = ApiError("http_error", str(exc.detail), status=exc.status_code)
         return error_response(err)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception):
-        err = unexpected(exc)
-        if err.status >= 500:
-            log.exception("unhandled_error", error=str(exc))
-        return error_response(err)
-    _unexpected.__name__ = "unexpected"
 
     ops = APIRouter(include_in_schema=False)
 

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -65,8 +65,9 @@ from billstream_ingestion.domain import MAX_KEY_LENGTH, BodyError, EventError, O
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 SPECVERSION = "1.0"
-#: a `content-type` starting so names an event format: the record is in structured mode
-_EVENT_FORMAT = "application/cloudevents"
+#: a content type starting so names an event format: the message is in structured (or batch)
+#: mode, whatever `ce-*` / `ce_*` headers come along
+EVENT_FORMAT = "application/cloudevents"
 
 # the attributes this mapping reads; every other one is an ignored extension
 _REQUIRED = ("id", "source", "type", "subject")
@@ -167,15 +168,31 @@ def is_kafka_binary(headers: Sequence[tuple[str, bytes | None]]) -> bool:
     """A Kafka record in binary content mode: it carries a `ce_specversion` header, and no
     `content-type` of an event format (`application/cloudevents…`), which means structured
     mode whatever other headers say (Kafka protocol binding §3)."""
-    binary = False
+    if any(value is not None and value.decode("latin-1").strip().lower().startswith(
+            EVENT_FORMAT) for value in _kafka_content_types(headers)):
+        return False
+    return any(_text_name(name) == f"{_KAFKA_PREFIX}specversion" for name, _value in headers)
+
+
+def kafka_data_is_json(headers: Sequence[tuple[str, bytes | None]]) -> bool:
+    """Whether a binary-mode record's `content-type` (its datacontenttype) is JSON, or
+    absent (JSON is assumed; a null header is no content type, as `from_kafka_binary` has
+    it). Data under another content type is not read: the mapping refuses it."""
+    content_type = next(_kafka_content_types(headers), None)
+    if content_type is None:
+        return True
+    try:
+        return is_json_media_type(content_type.decode("utf-8"))
+    except UnicodeDecodeError:
+        return False
+
+
+def _kafka_content_types(headers: Sequence[tuple[str, bytes | None]]
+                         ) -> Iterator[bytes | None]:
+    """The values of a Kafka record's `content-type` headers (any case), in order."""
     for name, value in headers:
-        text = _text_name(name)
-        if text == f"{_KAFKA_PREFIX}specversion":
-            binary = True
-        elif text.lower() == "content-type" and value is not None and bytes(value).decode(
-                "latin-1").strip().lower().startswith(_EVENT_FORMAT):
-            return False
-    return binary
+        if _text_name(name).lower() == "content-type":
+            yield None if value is None else bytes(value)
 
 
 def split_batch(body: Any, max_events: int) -> list[Any]:

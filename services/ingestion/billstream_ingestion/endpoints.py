@@ -113,7 +113,7 @@ def _events_of(request: Request, body: bytes, max_events: int
     # binary mode (the body is the event's data), unless the content type says structured
     # or batch mode, which wins over ce-* headers as the HTTP binding has it
     if "ce-specversion" in request.headers and not content_type.startswith(
-            "application/cloudevents"):
+            cloudevents.EVENT_FORMAT):
         # data that is not JSON is not read: the mapping rejects the event for its
         # datacontenttype, as it would in any mode; JSON that does not parse is a bad body
         declared = request.headers.get("content-type")

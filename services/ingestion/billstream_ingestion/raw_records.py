@@ -72,7 +72,7 @@ def decode(value: bytes | None, headers: Any, max_bytes: int) -> Decoded:
             API_KEY_HEADER))
     # the API key alone is not a CloudEvent: binary mode needs ce_* headers besides it
     binary = len(headers) > 1 and cloudevents.is_kafka_binary(headers)
-    if binary and (not (value or b"").strip() or not _json_content(headers)):
+    if binary and (not (value or b"").strip() or not cloudevents.kafka_data_is_json(headers)):
         # no data (data is absent), or data that is not JSON: refused for its
         # datacontenttype before the value is read
         try:
@@ -107,21 +107,6 @@ def decode(value: bytes | None, headers: Any, max_bytes: int) -> Decoded:
         return Decoded(api_key, error=EventError(
             "invalid_event", "The record value must be one usage event (a JSON object)", None))
     return Decoded(api_key, parsed)
-
-
-def _json_content(headers: list) -> bool:
-    """Whether a binary-mode record's `content-type` (its datacontenttype) is JSON, or
-    absent (JSON is assumed)."""
-    for name, header_value in headers:
-        if name.lower() == "content-type":
-            if header_value is None:  # a null header is no content type (as the mapping has it)
-                return True
-            try:
-                text = bytes(header_value).decode("utf-8")
-            except UnicodeDecodeError:
-                return False
-            return cloudevents.is_json_media_type(text)
-    return True
 
 
 #: A report (its key, value and headers) stays under this many bytes: aiokafka's producer
@@ -165,23 +150,17 @@ def report(*, outcome: Outcome, topic: str, partition: int, offset: int, key: by
     common = dict(outcome=outcome, topic=topic, partition=partition, offset=offset, key=key,
                   value=value, tenant_id=tenant_id, environment=environment,
                   now=now or datetime.now(UTC), max_echo_bytes=max_echo_bytes)
-    attempts: list[tuple[dict[str, Any], list[tuple[str, bytes]], bytes | None]] = [
-        ({}, forwarded, report_key),
-        ({"echo_value": False}, forwarded, report_key),
-        ({"echo_value": False, "echo_key": False}, forwarded, report_key),
-        ({"echo_value": False, "echo_key": False},
-         forwarded_headers(headers, outcome.status, max_bytes=0), report_key),
-    ]
-    for change, report_headers, kafka_key in attempts:
-        made = Report(kafka_key, rejection(**{**common, **change}), report_headers)
+    no_echo = {"echo_value": False, "echo_key": False}
+    bare_headers = forwarded_headers(headers, outcome.status, max_bytes=0)
+    for change, report_headers in (({}, forwarded), ({"echo_value": False}, forwarded),
+                                   (no_echo, forwarded), (no_echo, bare_headers)):
+        made = Report(report_key, rejection(**common, **change), report_headers)
         if made.size() <= budget:
             return made
     short = dataclasses.replace(outcome, **{
         name: _shortened(getattr(outcome, name))
         for name in ("idempotency_key", "message", "param")})
-    return Report(None, rejection(**{**common, "outcome": short, "echo_value": False,
-                                     "echo_key": False}),
-                  forwarded_headers(headers, outcome.status, max_bytes=0))
+    return Report(None, rejection(**{**common, "outcome": short}, **no_echo), bare_headers)
 
 
 def _shortened(text: str | None) -> str | None:

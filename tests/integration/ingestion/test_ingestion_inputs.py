@@ -312,13 +312,24 @@ async def test_keys_of_a_frozen_clock_customer_are_kept(ingestion: Ingestion):
     assert await tasks.purge_once(host, now=far) == 1
 
 
-async def test_usage_sent_right_after_a_clock_advance_waits_for_it(ingestion: Ingestion):
+async def test_usage_sent_right_after_a_clock_advance_waits_for_it(ingestion: Ingestion,
+                                                                    monkeypatch):
     """A script advances the clock, then sends that period's usage at once: the advance may
     not have reached ingestion yet. The events wait for it instead of being judged against
     the old clock time (they would look a month in the future)."""
     import asyncio
 
     from billstream_contracts.events import TestClockAdvanced
+    from billstream_ingestion import service
+
+    real_wait_for, waiting_for_the_clock = service.wait_for, asyncio.Event()
+
+    async def wait_for(predicate, timeout_s):
+        if predicate.__name__ == "caught_up":  # the request waits for the clock's projection
+            waiting_for_the_clock.set()
+        return await real_wait_for(predicate, timeout_s)
+
+    monkeypatch.setattr(service, "wait_for", wait_for)
 
     await ingestion.create_meter("api_calls")
     jan1, jan31 = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 31, tzinfo=UTC)
@@ -328,7 +339,7 @@ async def test_usage_sent_right_after_a_clock_advance_waits_for_it(ingestion: In
     state.settings = state.settings.model_copy(update={"projection_wait_s": 5.0})
 
     async def advance_a_moment_later():
-        await asyncio.sleep(0.15)  # the request below is already being judged
+        await asyncio.wait_for(waiting_for_the_clock.wait(), timeout=30)
         await ingestion.publish(TestClockAdvanced(test_clock_id=clock, previous_time=jan1,
                                                   frozen_time=jan31))
 

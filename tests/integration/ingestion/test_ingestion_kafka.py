@@ -393,7 +393,15 @@ async def test_the_kafka_input_pauses_while_the_relay_is_behind(ingestion: Inges
     await eventually(lambda: _eq(lambda: _is(runner, "paused"), True), timeout=30)
     paused_at = await stored()
     await ingestion.produce_raw(*[(b"c", native(f"q-{i}"), [auth]) for i in range(30)])
-    await asyncio.sleep(1.0)  # would be consumed by now if the input were running
+    # the loop goes round several times with the new records waiting in the topic
+    rounds, backlogged = [], runner.admission.backlogged
+
+    async def counted_backlogged() -> bool:
+        rounds.append(1)
+        return await backlogged()
+
+    runner.admission.backlogged = counted_backlogged
+    await eventually(lambda: _eq(lambda: _gt(lambda: _count(rounds), 4), True), timeout=30)
     assert await stored() == paused_at < 60
     # the backlog drains (the relay publishes again): the input resumes, nothing is lost
     from billstream_messaging.relay import OutboxRelay

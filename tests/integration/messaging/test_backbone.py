@@ -418,10 +418,11 @@ async def test_stop_ends_tasks_that_lost_a_cancellation(fresh_database, kafka_bo
     when a cancellation lands just as its inner await completes) must not hang the stop; nor
     may a task whose cancellation surfaced as an exception be restarted."""
     h = build_host(fresh_database, kafka_bootstrap, unique("notes"), unique("g"))
-    restarts = []
+    restarts, converting_started = [], asyncio.Event()
 
     async def converts_its_cancellation(host):
         restarts.append(1)
+        converting_started.set()
         try:
             await asyncio.sleep(3600)
         except asyncio.CancelledError:
@@ -430,7 +431,10 @@ async def test_stop_ends_tasks_that_lost_a_cancellation(fresh_database, kafka_bo
     h.tasks.append(converts_its_cancellation)
     await h.start(serve_http=False)
 
+    stubborn_started = asyncio.Event()
+
     async def stubborn():
+        stubborn_started.set()
         try:
             await asyncio.sleep(3600)
         except asyncio.CancelledError:
@@ -438,7 +442,8 @@ async def test_stop_ends_tasks_that_lost_a_cancellation(fresh_database, kafka_bo
         await asyncio.sleep(3600)
 
     h._running.append(asyncio.create_task(stubborn(), name="stubborn"))
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(stubborn_started.wait(), timeout=30)
+    await asyncio.wait_for(converting_started.wait(), timeout=30)
     await asyncio.wait_for(h.stop(), timeout=60)
     assert all(t.done() for t in h._running)
     assert restarts == [1]
