@@ -1,7 +1,7 @@
 """Event store (transactional append), outbox relay, consumer runtime with inbox and dead
 letters, replay, and the ServiceHost that runs a service with them."""
 
-from billstream_messaging.consumer import EventConsumer, EventContext, Handler
+from billstream_messaging.consumer import EventConsumer, EventContext, Handler, Redriven
 from billstream_messaging.host import API_KEY_HANDLERS, AUTH_TOPIC, ServiceHost, run_cli
 from billstream_messaging.store import Cause, EventStore, NewEvent
 
@@ -14,6 +14,7 @@ __all__ = [
     "EventStore",
     "Handler",
     "NewEvent",
+    "Redriven",
     "ServiceHost",
     "run_cli",
 ]

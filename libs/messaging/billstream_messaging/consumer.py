@@ -19,11 +19,16 @@ Failures:
 Event types the consumer has no handler for are counted and skipped (recorded as `skipped` in
 the inbox, so per-source progress has no holes; a later version that handles the type applies
 them when they come again).
+
+A dead-lettered event is not applied: per-source progress stops at it (metering holds the
+period closes after it). Once the cause is fixed, `redrive` applies the consumer's
+dead-lettered events again through the same path (the service's `redrive CONSUMER` command).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -84,6 +89,14 @@ class EventContext:
 
 
 Handler = Callable[[EventContext], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Redriven:
+    """What `EventConsumer.redrive` did."""
+
+    applied: int
+    dead_lettered_again: int
 
 
 class EventConsumer:
@@ -157,9 +170,12 @@ class EventConsumer:
         self.batches += 1
 
     # -- applying ----------------------------------------------------------------------------
-    async def apply(self, records: Iterable[ConsumerRecord]) -> None:
+    async def apply(self, records: Iterable[ConsumerRecord], *,
+                    retake: tuple[str, ...] = ("skipped",)) -> None:
         """Apply a batch with exactly-once effect; retries transient failures until they pass,
-        dead-letters an event whose handler keeps failing."""
+        dead-letters an event whose handler keeps failing. An event whose inbox row has a
+        status in `retake` is applied as new (`skipped`: a type this version now handles;
+        `redrive` adds `dead_lettered`); any other row makes it a duplicate."""
         parsed: list[tuple[ConsumerRecord, Envelope]] = []
         malformed: list[tuple[ConsumerRecord, str]] = []
         for rec in records:
@@ -173,7 +189,7 @@ class EventConsumer:
         while True:
             try:
                 with self._metrics.consumer_batch.labels(self.name).time():
-                    await self._apply_once(parsed, malformed, poison)
+                    await self._apply_once(parsed, malformed, poison, retake)
                 return
             except _HandlerFailed as failed:
                 n = attempts[failed.event_id] = attempts.get(failed.event_id, 0) + 1
@@ -188,7 +204,8 @@ class EventConsumer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _apply_once(self, parsed, malformed, poison: dict[str, str]) -> None:
+    async def _apply_once(self, parsed, malformed, poison: dict[str, str],
+                          retake: tuple[str, ...]) -> None:
         assert self._pool is not None
         outcomes: dict[str, int] = {}
         async with self._pool.acquire() as conn, conn.transaction():
@@ -221,13 +238,14 @@ class EventConsumer:
                       FROM unnest($2::text[], $3::text[], $4::bigint[]) AS e(id, source, seq)
                     ON CONFLICT (consumer, event_id) DO UPDATE
                        SET status = 'applied', processed_at = now()
-                     WHERE inbox.status = 'skipped'
+                     WHERE inbox.status = ANY($5::text[])
                     RETURNING event_id
                     """,
                     self.name,
                     [e.id for e in distinct],
                     [e.source for e in distinct],
                     [e.sequence for e in distinct],
+                    list(retake),
                 )
                 new_ids = {r["event_id"] for r in rows}
             for rec, env in handled:
@@ -247,6 +265,48 @@ class EventConsumer:
                 outcomes["applied"] = outcomes.get("applied", 0) + 1
         for outcome, n in outcomes.items():
             self._metrics.events_consumed.labels(self.name, outcome).inc(n)
+
+    async def redrive(self, pool: asyncpg.Pool, broker: KafkaBroker) -> Redriven:
+        """Apply again every event this consumer dead-lettered and has not applied since (its
+        inbox row still `dead_lettered`), from the payload kept in `dead_letters`, in the order
+        it was consumed, through `apply`: what applies now commits with its inbox row; what
+        fails again is dead-lettered again (a new `dead_letters` row and DLQ record). Run it
+        once the cause is fixed; running it again finds nothing left, or what still fails.
+        Malformed records (no envelope, so no event) cannot be redriven and are not counted.
+        Safe beside the running consumer: it works on a copy bound to `pool` and `broker`."""
+        bound = copy.copy(self)
+        bound._pool, bound._broker = pool, broker
+        return await bound._redrive(pool)
+
+    async def _redrive(self, pool: asyncpg.Pool) -> Redriven:
+        rows = await pool.fetch(
+            """
+            SELECT * FROM (
+                SELECT DISTINCT ON (d.event_id) d.topic, d.partition, d."offset", d.payload,
+                       d.event_id
+                  FROM dead_letters d
+                  JOIN inbox i ON i.consumer = d.consumer AND i.event_id = d.event_id
+                 WHERE d.consumer = $1 AND i.status = 'dead_lettered'
+                   AND d.payload IS NOT NULL
+                 ORDER BY d.event_id, d.id DESC) latest
+             ORDER BY topic, partition, "offset"
+            """,
+            self.name,
+        )
+        records = [ConsumerRecord(
+            topic=r["topic"], partition=r["partition"], offset=r["offset"], timestamp=-1,
+            timestamp_type=0, key=None, value=r["payload"], checksum=None,
+            serialized_key_size=-1, serialized_value_size=len(r["payload"]), headers=(),
+        ) for r in rows]
+        step = max(1, self._settings.consumer_max_records)
+        for start in range(0, len(records), step):
+            await self.apply(records[start:start + step], retake=("skipped", "dead_lettered"))
+        ids = [r["event_id"] for r in rows]
+        again = await pool.fetchval(
+            "SELECT count(*) FROM inbox WHERE consumer = $1 AND event_id = ANY($2::text[])"
+            " AND status = 'dead_lettered'", self.name, ids)
+        self._log.info("redriven", events=len(ids), dead_lettered_again=again)
+        return Redriven(applied=len(ids) - again, dead_lettered_again=again)
 
     async def _apply_event(self, conn, rec: ConsumerRecord, env: Envelope) -> None:
         handler = self.handlers[env.type]

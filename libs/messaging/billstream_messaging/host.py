@@ -26,7 +26,7 @@ from faststream.kafka import KafkaBroker
 
 from billstream_contracts.topics import SUBSCRIPTION_EVENTS
 from billstream_messaging import records
-from billstream_messaging.consumer import EventConsumer, EventContext
+from billstream_messaging.consumer import EventConsumer, EventContext, Redriven
 from billstream_messaging.groups import leave_group_on_stop
 from billstream_messaging.relay import OutboxRelay
 from billstream_messaging.replay import rebuild
@@ -104,18 +104,24 @@ class ServiceHost:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def open_database(self) -> asyncpg.Pool:
+        self.pool = await self._connect()
+        return self.pool
+
+    async def _connect(self) -> asyncpg.Pool:
+        """A pool on the service's database, migrated (for the commands that run beside a
+        service, too: they never take the host's own pool)."""
         await db.wait_for_database(self.settings.database_url)
-        self.pool = await db.create_pool(
+        pool = await db.create_pool(
             self.settings.database_url, self.settings.db_pool_min, self.settings.db_pool_max,
             setup=self.connection_setup,
         )
-        applied = await db.migrate(self.pool, *self.migrations)
+        applied = await db.migrate(pool, *self.migrations)
         if applied:
             self.log.info("migrated", applied=applied)
-        note = await db.collation_note(self.pool)
+        note = await db.collation_note(pool)
         if note is not None:
             self.log.warning("database_collation_slow", note=note)
-        return self.pool
+        return pool
 
     async def start(self, *, serve_http: bool = True,
                     sockets: list[socket.socket] | None = None) -> None:
@@ -248,8 +254,28 @@ class ServiceHost:
         return 1 if failed else 0
 
     async def migrate_only(self) -> None:
-        pool = await self.open_database()
+        pool = await self._connect()
         await pool.close()
+
+    async def redrive(self, consumer: str) -> Redriven:
+        """Apply the consumer's dead-lettered events again (EventConsumer.redrive), from this
+        process, beside a running service: events its handlers append are the relay's to
+        publish like any other."""
+        full = consumer if consumer.startswith(f"{self.name}.") else f"{self.name}.{consumer}"
+        chosen = [c for c in self.consumers if c.name == full]
+        if not chosen:
+            raise SystemExit(f"unknown consumer {consumer!r}; known: "
+                             f"{', '.join(c.name for c in self.consumers) or '-'}")
+        pool = await self._connect()
+        # no subscribers: it only publishes what fails again to the dead-letter topic
+        broker = KafkaBroker(self.settings.kafka_bootstrap, logger=None,
+                             client_id=f"billstream-{self.name}-redrive")
+        try:
+            await broker.start()
+            return await chosen[0].redrive(pool, broker)
+        finally:
+            await broker.stop()
+            await pool.close()
 
     async def rebuild(self, consumer: str) -> int:
         full = consumer if consumer.startswith(f"{self.name}.") else f"{self.name}.{consumer}"
@@ -257,7 +283,7 @@ class ServiceHost:
             raise SystemExit(
                 f"unknown read model {consumer!r}; known: {', '.join(self.read_models) or '-'}"
             )
-        pool = await self.open_database()
+        pool = await self._connect()
         try:
             return await rebuild(pool, full, self.read_models[full])
         finally:
@@ -358,13 +384,16 @@ def _die_with_parent() -> None:
 
 
 def run_cli(build: Callable[[], ServiceHost], argv: list[str] | None = None) -> None:
-    """The service's command line: `serve` (default), `migrate`, `rebuild CONSUMER`."""
+    """The service's command line: `serve` (default), `migrate`, `rebuild CONSUMER`,
+    `redrive CONSUMER`."""
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run migrations, then the API, relay and consumers")
     sub.add_parser("migrate", help="apply pending migrations and exit")
     rb = sub.add_parser("rebuild", help="drop a read model; it is rebuilt by replay at start")
     rb.add_argument("consumer")
+    rd = sub.add_parser("redrive", help="apply a consumer's dead-lettered events again")
+    rd.add_argument("consumer")
     args = parser.parse_args(argv)
     metrics_dir = None
     owner = os.getpid()  # (forked workers end with os._exit: only this process cleans up)
@@ -387,5 +416,11 @@ def _run_command(build: Callable[[], ServiceHost], args: argparse.Namespace) -> 
     elif args.command == "rebuild":
         generation = _run(host.rebuild(args.consumer))
         print(f"{args.consumer}: read model emptied; generation {generation} replays at start")
+    elif args.command == "redrive":
+        done = _run(host.redrive(args.consumer))
+        print(f"{args.consumer}: {done.applied} applied, "
+              f"{done.dead_lettered_again} dead-lettered again")
+        if done.dead_lettered_again:
+            raise SystemExit(1)
     else:
         raise SystemExit(serve_workers(host))

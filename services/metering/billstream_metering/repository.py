@@ -403,13 +403,16 @@ async def pending_sources(conn: Conn) -> list[str]:
 async def advance_watermark(conn: asyncpg.Connection, consumer: str, source: str,
                             page: int = 10_000) -> int:
     """Move `source`'s watermark past every sequence the consumer has applied contiguously
-    (its inbox holds one row per applied event, with the source's sequence)."""
+    (its inbox holds one row per applied event, with the source's sequence). A dead-lettered
+    event was not applied: the watermark stops before it, and so do the period closes after
+    it, until it is redriven (see dead_lettered_at); billing a period without it would bill
+    accepted usage never, or late with no trace."""
     mark = await conn.fetchval("SELECT seq FROM source_watermarks WHERE source = $1", source) or 0
     start = mark
     while True:
         rows = await conn.fetch(
             "SELECT DISTINCT sequence FROM inbox WHERE consumer = $1 AND source = $2"
-            " AND sequence > $3 ORDER BY sequence LIMIT $4",
+            " AND sequence > $3 AND status <> 'dead_lettered' ORDER BY sequence LIMIT $4",
             consumer, source, mark, page,
         )
         for row in rows:
@@ -427,6 +430,21 @@ async def advance_watermark(conn: asyncpg.Connection, consumer: str, source: str
             source, mark,
         )
     return mark
+
+
+async def dead_lettered_at(conn: asyncpg.Connection, consumer: str, source: str,
+                           seq: int) -> str | None:
+    """The id of the event at `seq` of `source` when the consumer dead-lettered it."""
+    return await conn.fetchval(
+        "SELECT event_id FROM inbox WHERE consumer = $1 AND source = $2 AND sequence = $3"
+        " AND status = 'dead_lettered' LIMIT 1", consumer, source, seq)
+
+
+async def close_waiting(conn: asyncpg.Connection, source: str, watermark: int) -> bool:
+    """Whether a pending close of `source` needs more than `watermark`."""
+    return await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pending_closes WHERE source = $1 AND required_seq > $2)",
+        source, watermark)
 
 
 async def claim_due_close(conn: asyncpg.Connection, source: str, watermark: int):

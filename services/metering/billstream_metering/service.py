@@ -216,6 +216,7 @@ async def close_due_periods(pool: asyncpg.Pool, store: EventStore, consumer: str
     for source in sources:
         async with pool.acquire() as conn, conn.transaction():
             watermark = await repository.advance_watermark(conn, consumer, source)
+            await _note_held_close(conn, consumer, source, watermark)
         while True:
             async with pool.acquire() as conn, conn.transaction():
                 row = await repository.claim_due_close(conn, source, watermark)
@@ -230,6 +231,26 @@ async def close_due_periods(pool: asyncpg.Pool, store: EventStore, consumer: str
                 await repository.delete_pending_close(conn, row["event_id"])
                 closed += 1
     return closed
+
+
+#: (source, sequence) of the dead-lettered events already reported as holding closes back.
+_REPORTED_HOLDS: set[tuple[str, int]] = set()
+
+
+async def _note_held_close(conn: asyncpg.Connection, consumer: str, source: str,
+                           watermark: int) -> None:
+    """Say (once per process and event) when a dead-lettered event holds period closes back:
+    nothing bills those periods until it is redriven."""
+    held = watermark + 1
+    if (source, held) in _REPORTED_HOLDS or not await repository.close_waiting(
+            conn, source, watermark):
+        return
+    event_id = await repository.dead_lettered_at(conn, consumer, source, held)
+    if event_id is not None:
+        _REPORTED_HOLDS.add((source, held))
+        log.error("period_closes_held_by_dead_letter", source=source, sequence=held,
+                  event_id=event_id, consumer=consumer,
+                  fix=f"fix the cause, then run `redrive {consumer}`")
 
 
 async def summarize_period(conn: asyncpg.Connection, store: EventStore, scope: Scope,

@@ -251,6 +251,64 @@ async def test_unknown_types_are_counted_and_skipped_and_poison_goes_to_dlq(host
     assert b"never be applied" in headers["dlq_reason"]
 
 
+async def test_redrive_applies_dead_lettered_events_again_once(host):
+    """`redrive CONSUMER`: what still fails is dead-lettered again (a new row, a new DLQ
+    record); once the handler is fixed it applies, once; a redelivery of it meanwhile stays a
+    duplicate, not an application."""
+    consumer = host.consumers[0]
+    notes = [NewEvent({"note_id": f"rd{i}", "text": text}, type="note.created",
+                      tenant_id="ten_rd", environment="test", aggregate_type="note",
+                      aggregate_id=f"rd{i}", occurred_at=datetime.now(UTC))
+             for i, text in enumerate(("poison", "fine", "poison"))]
+    async with host.pool.acquire() as conn, conn.transaction():
+        await host.store.append(conn, notes)
+
+    async def tenant_count():
+        return await host.pool.fetchval(
+            "SELECT coalesce(sum(n), 0) FROM note_counts WHERE tenant_id = 'ten_rd'")
+
+    async def dead(n):
+        return await host.pool.fetchval(
+            "SELECT count(*) FROM dead_letters d JOIN event_log e ON e.id = d.event_id"
+            " WHERE e.tenant_id = 'ten_rd'") == n
+
+    await eventually(lambda: dead(2), message="two poison notes dead-lettered")
+    await eventually(lambda: _eq(tenant_count(), 1), message="the good note applied")
+    records = await read_topic(host.settings.kafka_bootstrap, consumer.topics[0], 3)
+    await consumer.apply(records)  # redelivered while dead-lettered: duplicates
+    assert await tenant_count() == 1
+
+    done = await host.redrive("counter")  # the handler still fails
+    assert (done.applied, done.dead_lettered_again) == (0, 2)
+    assert await dead(4)
+    assert await tenant_count() == 1
+
+    consumer.handlers["note.created"] = count_note_healed
+    try:
+        done = await host.redrive("notes.counter")
+        assert (done.applied, done.dead_lettered_again) == (2, 0)
+        assert await tenant_count() == 3
+        statuses = await host.pool.fetch(
+            "SELECT i.status FROM inbox i JOIN event_log e ON e.id = i.event_id"
+            " WHERE e.tenant_id = 'ten_rd'")
+        assert sorted(r["status"] for r in statuses) == ["applied"] * 3
+        done = await host.redrive("counter")
+        assert (done.applied, done.dead_lettered_again) == (0, 0)
+        await consumer.apply(records)
+        assert await tenant_count() == 3
+    finally:
+        consumer.handlers["note.created"] = count_note
+    with pytest.raises(SystemExit, match="unknown consumer"):
+        await host.redrive("nope")
+
+
+async def count_note_healed(ctx: EventContext) -> None:
+    """count_note once its bug is fixed: poison notes count too."""
+    await ctx.conn.execute(
+        "INSERT INTO note_counts VALUES ($1, 1) ON CONFLICT (tenant_id)"
+        " DO UPDATE SET n = note_counts.n + 1", ctx.envelope.tenant_id)
+
+
 async def test_a_transient_error_in_a_handler_is_retried_never_dead_lettered(host):
     consumer = host.consumers[0]
     async with host.pool.acquire() as conn, conn.transaction():

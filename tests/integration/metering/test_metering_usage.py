@@ -294,6 +294,54 @@ async def test_a_close_waits_for_every_usage_event_before_it_in_the_log(metering
     assert await waiting() == 0
 
 
+async def test_a_dead_lettered_usage_event_holds_its_close_until_it_is_redriven(metering):
+    """Usage that metering cannot apply (a bug, a bad deploy) is dead-lettered so that the
+    partition moves on, but it was accepted: the period close after it waits (it used to bill
+    the period without it), says why, and bills it once the event is redriven."""
+    from billstream_metering import service
+
+    await metering.create_meter("api_calls")
+    cus = await metering.create_customer("acme-dl")
+    consumer = next(c for c in metering.host.consumers if c.name.endswith(".usage"))
+    applies = consumer.handlers["usage.accepted"]
+    good, bad, late = (usage("acme-dl", "api_calls", q, JAN + timedelta(days=d), customer_id=cus)
+                       for q, d in (("2", 1), ("5", 2), ("3", 3)))
+
+    async def broken(ctx):
+        if ctx.envelope.data["usage_id"] == bad.usage_id:
+            raise RuntimeError("cannot apply this one")
+        await applies(ctx)
+
+    consumer.handlers["usage.accepted"] = broken
+    await metering.publish_usage(good, bad, late)
+    bad_seq = 2  # this log's second event
+    close = await metering.publish_close(period_ended(cus, "acme-dl", plan("api_calls"), JAN,
+                                                      FEB, subscription_id=new_id("sub")))
+    pool = metering.host.pool
+    await metering.wait_for("SELECT 1 FROM dead_letters WHERE consumer = $1", consumer.name)
+    await metering.wait_for("SELECT 1 FROM pending_closes WHERE event_id = $1", close.id)
+    await metering.wait_for_usage_rows(2)
+    # Every event of the log but one is applied, and the close is pending: it stays so.
+    await service.close_due_periods(pool, metering.host.store, consumer.name)
+    assert await pool.fetchval("SELECT 1 FROM pending_closes WHERE event_id = $1", close.id)
+    assert await pool.fetchval(
+        "SELECT count(*) FROM period_summaries WHERE tenant_id = $1", metering.tenant_id) == 0
+    assert (metering.source, bad_seq) in service._REPORTED_HOLDS  # logged, once
+
+    consumer.handlers["usage.accepted"] = applies  # the fix is deployed
+    done = await metering.host.redrive("usage")
+    assert (done.applied, done.dead_lettered_again) == (1, 0)
+    [summary] = await metering.summaries(1)
+    assert summary["data"]["usage"] == [
+        {"charge_id": "ch_api_calls", "meter": "api_calls", "quantity": "10", "usage_count": 3}]
+    assert await pool.fetchval("SELECT status FROM inbox WHERE consumer = $1 AND sequence = $2"
+                               " AND source = $3", consumer.name, bad_seq,
+                               metering.source) == "applied"
+    again = await metering.host.redrive("usage")  # nothing left
+    assert (again.applied, again.dead_lettered_again) == (0, 0)
+    await metering.wait_for_usage_rows(3)
+
+
 async def test_a_later_close_waits_for_an_earlier_one_being_summarized(metering):
     """Two replicas: while one holds January's close, the other must not take February's."""
     from billstream_metering import repository
