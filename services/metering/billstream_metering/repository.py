@@ -447,14 +447,16 @@ async def close_waiting(conn: asyncpg.Connection, source: str, watermark: int) -
         source, watermark)
 
 
-async def claim_due_close(conn: asyncpg.Connection, source: str, watermark: int):
-    """The next close whose preceding usage is applied, locked for this transaction. A close
-    waits while an earlier close of the same subscription is pending (even one another replica
-    is summarizing right now): the sweep of a period must not run before its predecessor's."""
+async def claim_due_close(conn: asyncpg.Connection, source: str, watermark: int,
+                          passed: Sequence[str] = ()):
+    """The next close whose preceding usage is applied, locked for this transaction, leaving
+    out the closes `passed` (by event id). A close waits while an earlier close of the same
+    subscription is pending (even one another replica is summarizing right now, or one that
+    waits for a meter): the sweep of a period must not run before its predecessor's."""
     return await conn.fetchrow(
         """
         SELECT p.* FROM pending_closes p
-         WHERE p.source = $1 AND p.required_seq <= $2
+         WHERE p.source = $1 AND p.required_seq <= $2 AND p.event_id <> ALL($3::text[])
            AND NOT EXISTS (
                SELECT 1 FROM pending_closes e
                 WHERE e.tenant_id = p.tenant_id AND e.environment = p.environment
@@ -464,7 +466,7 @@ async def claim_due_close(conn: asyncpg.Connection, source: str, watermark: int)
          ORDER BY p.required_seq LIMIT 1
            FOR UPDATE SKIP LOCKED
         """,
-        source, watermark,
+        source, watermark, list(passed),
     )
 
 

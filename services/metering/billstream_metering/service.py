@@ -206,7 +206,9 @@ async def record_close(conn: asyncpg.Connection, envelope: Envelope) -> None:
 
 
 async def close_due_periods(pool: asyncpg.Pool, store: EventStore, consumer: str) -> int:
-    """Summarize every pending period close whose preceding usage has all been applied.
+    """Summarize every pending period close whose preceding usage has all been applied and
+    whose plan's meters are all known here (a meter's aggregation decides the quantity: a
+    close that ran before `meter.created` reached metering would bill a placeholder sum).
     Each close commits alone, with its summary and event; returns how many were closed."""
     closed = 0
     async with pool.acquire() as conn, conn.transaction():
@@ -217,20 +219,48 @@ async def close_due_periods(pool: asyncpg.Pool, store: EventStore, consumer: str
         async with pool.acquire() as conn, conn.transaction():
             watermark = await repository.advance_watermark(conn, consumer, source)
             await _note_held_close(conn, consumer, source, watermark)
+        waiting: list[str] = []  # closes of this source waiting for a meter
         while True:
             async with pool.acquire() as conn, conn.transaction():
-                row = await repository.claim_due_close(conn, source, watermark)
+                row = await repository.claim_due_close(conn, source, watermark, waiting)
                 if row is None:
                     break
                 data = UsagePeriodClosed.model_validate(row["data"])
+                scope = Scope(row["tenant_id"], row["environment"])
+                if await _waits_for_meters(conn, scope, data, row["event_id"]):
+                    waiting.append(row["event_id"])
+                    continue
                 await summarize_period(
-                    conn, store, Scope(row["tenant_id"], row["environment"]), data,
+                    conn, store, scope, data,
                     Cause(row["event_id"], row["correlation_id"]),
                     close_seq=row["required_seq"] + 1,
                 )
                 await repository.delete_pending_close(conn, row["event_id"])
                 closed += 1
     return closed
+
+
+#: Closes already reported as waiting for a meter (by event id; per process, bounded).
+_REPORTED_METER_WAITS: set[str] = set()
+
+
+async def _waits_for_meters(conn: asyncpg.Connection, scope: Scope, data: UsagePeriodClosed,
+                            event_id: str) -> bool:
+    """Whether a meter of the plan's usage charges is not known here yet. The subscription
+    service refuses a plan whose meters do not exist, so `meter.created` is on its way (the
+    catalog consumer lags, or is being rebuilt): the close waits for it."""
+    codes = domain.usage_meters(data.subscription.plan.charges)
+    if not codes:
+        return False
+    known = await repository.get_meters(conn, scope.tenant_id, scope.environment, codes)
+    missing = sorted(set(codes) - set(known))
+    if missing and event_id not in _REPORTED_METER_WAITS:
+        if len(_REPORTED_METER_WAITS) >= 10_000:
+            _REPORTED_METER_WAITS.clear()
+        _REPORTED_METER_WAITS.add(event_id)
+        log.warning("period_close_waits_for_meter", event_id=event_id, meters=missing,
+                    subscription_id=data.subscription.subscription_id)
+    return bool(missing)
 
 
 #: (source, sequence) of the dead-lettered events already reported as holding closes back.
@@ -291,7 +321,7 @@ async def summarize_period(conn: asyncpg.Connection, store: EventStore, scope: S
                                    else []), *(known.refs if known else [])}
         meters = await repository.get_meters(conn, scope.tenant_id, scope.environment,
                                              meter_codes)
-        for code in set(meter_codes) - set(meters):
+        for code in set(meter_codes) - set(meters):  # (close_due_periods waits for them)
             log.warning("summarizing_unknown_meter", meter=code, aggregation="sum",
                         subscription_id=sub.subscription_id)
         # A correction applied concurrently with its usage row is billed with it.

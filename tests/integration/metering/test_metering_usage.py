@@ -154,6 +154,7 @@ async def test_customer_and_meter_arriving_after_their_usage(metering: Metering)
 async def test_period_summaries_sweep_late_usage_once(metering: Metering):
     await metering.create_meter("api_calls")
     await metering.create_meter("seats", aggregation="max")
+    await metering.create_meter("unused_meter")  # a plan's meters exist (subscription checks)
     cus = await metering.create_customer("acme-2")
     pro = plan("api_calls", "seats", "unused_meter")
     sub = new_id("sub")
@@ -340,6 +341,37 @@ async def test_a_dead_lettered_usage_event_holds_its_close_until_it_is_redriven(
     again = await metering.host.redrive("usage")  # nothing left
     assert (again.applied, again.dead_lettered_again) == (0, 0)
     await metering.wait_for_usage_rows(3)
+
+
+async def test_a_close_waits_for_its_meters_to_be_known(metering):
+    """Metering applied the usage and the close before the catalog told it about the meter
+    (the catalog consumer lags, or is being rebuilt). The close waits for `meter.created`:
+    summarized before it, a `max` meter was billed as a sum, and the rows' values were then
+    recomputed, so the usage query no longer agreed with the invoice."""
+    from billstream_metering import service
+
+    cus = await metering.create_customer("acme-mx")
+    code = unique("peak")
+    await metering.publish_usage(*(usage("acme-mx", code, q, JAN + timedelta(days=d),
+                                         customer_id=cus)
+                                   for d, q in enumerate(("3", "7", "5"))))
+    close = await metering.publish_close(period_ended(cus, "acme-mx", plan(code), JAN, FEB,
+                                                      subscription_id=new_id("sub")))
+    pool = metering.host.pool
+    await metering.wait_for_usage_rows(3)
+    await metering.wait_for("SELECT 1 FROM pending_closes WHERE event_id = $1", close.id)
+    consumer = next(c.name for c in metering.host.consumers if c.name.endswith(".usage"))
+    await service.close_due_periods(pool, metering.host.store, consumer)
+    assert await pool.fetchval("SELECT 1 FROM pending_closes WHERE event_id = $1", close.id)
+    assert close.id in service._REPORTED_METER_WAITS
+
+    await metering.create_meter(code, aggregation="max")
+    [summary] = await metering.summaries(1)
+    assert summary["data"]["usage"] == [
+        {"charge_id": f"ch_{code}", "meter": code, "quantity": "7", "usage_count": 3}]
+    r = (await metering.get_usage(customer=cus, meter=code, from_="2026-01-01T00:00:00Z",
+                                  to="2026-02-01T00:00:00Z")).json()
+    assert (r["value"], r["event_count"]) == ("7", 3)
 
 
 async def test_a_later_close_waits_for_an_earlier_one_being_summarized(metering):
