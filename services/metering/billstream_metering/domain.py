@@ -150,8 +150,15 @@ def correction_outcome(kind: CorrectionKind, sequence: int,
 def stored_properties(properties: Mapping[str, Any] | None,
                       meter: Meter | None) -> dict[str, Any] | None:
     """The properties a usage row keeps: only while its meter is unknown here, to compute its
-    value when the meter arrives."""
-    return None if meter is not None else dict(properties or {})
+    value when the meter arrives, and only those that can be a meter's value (a meter's field
+    names a top-level property; field_value gives nothing for the others). PostgreSQL's jsonb
+    cannot hold a NUL character: usage accepted before ingestion refused it in properties is
+    still in ingestion's log, and a replay must not fail on it (a NUL key names no field, a
+    NUL string is no number)."""
+    if meter is not None:
+        return None
+    return {key: value for key, value in (properties or {}).items()
+            if "\x00" not in key and field_value(value) is not None}
 
 
 # ---------------------------------------------------------------- formats

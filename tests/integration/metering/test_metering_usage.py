@@ -151,6 +151,20 @@ async def test_customer_and_meter_arriving_after_their_usage(metering: Metering)
         "SELECT count(*) FROM usage_records WHERE customer_id = $1", cus) == 4
 
 
+async def test_usage_with_a_nul_in_its_properties_is_applied(metering: Metering):
+    """Ingestion accepted such usage before it refused NUL; jsonb cannot store it, and the
+    event used to be dead-lettered (its usage never billed) whenever its meter was unknown."""
+    code = unique("tok")
+    await metering.publish_usage(
+        usage("nul-co", code, "1", JAN, properties={"tokens": 4, "note": "a\x00b",
+                                                    "k\x00": 1}))
+    await metering.wait_for_usage_rows(1)
+    await metering.create_meter(code, field="tokens")
+    cus = await metering.create_customer("nul-co")
+    r = (await metering.get_usage(customer=cus, meter=code)).json()
+    assert (r["value"], r["event_count"]) == ("4", 1)
+
+
 async def test_period_summaries_sweep_late_usage_once(metering: Metering):
     await metering.create_meter("api_calls")
     await metering.create_meter("seats", aggregation="max")

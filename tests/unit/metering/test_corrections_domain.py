@@ -4,6 +4,7 @@ corrected row keeps."""
 from __future__ import annotations
 
 import itertools
+from decimal import Decimal
 
 import pytest
 from hypothesis import given
@@ -90,3 +91,16 @@ def test_stored_properties_only_while_the_meter_is_unknown():
     assert domain.stored_properties(props, None) is not props
     assert domain.stored_properties(None, None) == {}
     assert domain.stored_properties(props, Meter("m", "sum", "tokens")) is None
+
+
+def test_stored_properties_keep_what_can_be_a_value_and_never_a_nul():
+    """jsonb refuses NUL: usage accepted before ingestion refused it is still in the log."""
+    props = {"tokens": 7, "cost": "0.125", "latency": 0.5, "region": "eu", "nested": {"a": 1},
+             "flag": True, "none": None, "bad\x00key": 3, "nul": "1\x00", "deep": ["\x00"]}
+    kept = domain.stored_properties(props, None)
+    assert kept == {"tokens": 7, "cost": "0.125", "latency": 0.5}
+    # a meter on any field gets the same value from what is kept (a meter's field, stored
+    # as text, never holds a NUL)
+    for field in (f for f in props if "\x00" not in f):
+        assert domain.usage_value(Decimal(1), kept, Meter("m", "sum", field)) == \
+            domain.usage_value(Decimal(1), props, Meter("m", "sum", field))
