@@ -95,7 +95,7 @@ Handler = Callable[[EventContext], Awaitable[None]]
 class Redriven:
     """What `EventConsumer.redrive` did."""
 
-    applied: int
+    applied: int  # or skipped: this version has no handler for its type any more
     dead_lettered_again: int
 
 
@@ -222,10 +222,12 @@ class EventConsumer:
                     INSERT INTO inbox (consumer, event_id, source, sequence, status)
                     SELECT $1, e.id, e.source, e.seq, 'skipped'
                       FROM unnest($2::text[], $3::text[], $4::bigint[]) AS e(id, source, seq)
-                    ON CONFLICT (consumer, event_id) DO NOTHING
+                    ON CONFLICT (consumer, event_id) DO UPDATE
+                       SET status = 'skipped', processed_at = now()
+                     WHERE inbox.status = ANY($5::text[]) AND inbox.status <> 'skipped'
                     """,
                     self.name, [e.id for e in unknown], [e.source for e in unknown],
-                    [e.sequence for e in unknown],
+                    [e.sequence for e in unknown], list(retake),
                 )
             new_ids: set[str] = set()
             if handled:
@@ -279,28 +281,35 @@ class EventConsumer:
         return await bound._redrive(pool)
 
     async def _redrive(self, pool: asyncpg.Pool) -> Redriven:
+        # which (the latest dead letter of each event), then their payloads a page at a time:
+        # a usage batch's is up to 256 KiB
         rows = await pool.fetch(
             """
             SELECT * FROM (
-                SELECT DISTINCT ON (d.event_id) d.topic, d.partition, d."offset", d.payload,
+                SELECT DISTINCT ON (d.event_id) d.id, d.topic, d.partition, d."offset",
                        d.event_id
                   FROM dead_letters d
-                  JOIN inbox i ON i.consumer = d.consumer AND i.event_id = d.event_id
-                 WHERE d.consumer = $1 AND i.status = 'dead_lettered'
-                   AND d.payload IS NOT NULL
+                 WHERE d.consumer = $1 AND d.payload IS NOT NULL
+                   AND (SELECT i.status FROM inbox i  -- its primary key: one probe each
+                         WHERE i.consumer = d.consumer AND i.event_id = d.event_id)
+                       = 'dead_lettered'
                  ORDER BY d.event_id, d.id DESC) latest
              ORDER BY topic, partition, "offset"
             """,
             self.name,
         )
-        records = [ConsumerRecord(
-            topic=r["topic"], partition=r["partition"], offset=r["offset"], timestamp=-1,
-            timestamp_type=0, key=None, value=r["payload"], checksum=None,
-            serialized_key_size=-1, serialized_value_size=len(r["payload"]), headers=(),
-        ) for r in rows]
-        step = max(1, self._settings.consumer_max_records)
-        for start in range(0, len(records), step):
-            await self.apply(records[start:start + step], retake=("skipped", "dead_lettered"))
+        step = max(1, min(self._settings.consumer_max_records, 100))
+        for start in range(0, len(rows), step):
+            page = rows[start:start + step]
+            payloads = {r["id"]: r["payload"] for r in await pool.fetch(
+                "SELECT id, payload FROM dead_letters WHERE id = ANY($1::bigint[])",
+                [r["id"] for r in page])}
+            await self.apply([ConsumerRecord(
+                topic=r["topic"], partition=r["partition"], offset=r["offset"], timestamp=-1,
+                timestamp_type=0, key=None, value=payloads[r["id"]], checksum=None,
+                serialized_key_size=-1, serialized_value_size=len(payloads[r["id"]]),
+                headers=(),
+            ) for r in page], retake=("skipped", "dead_lettered"))
         ids = [r["event_id"] for r in rows]
         again = await pool.fetchval(
             "SELECT count(*) FROM inbox WHERE consumer = $1 AND event_id = ANY($2::text[])"

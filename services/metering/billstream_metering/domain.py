@@ -157,6 +157,11 @@ def stored_properties(properties: Mapping[str, Any] | None,
     NUL string is no number)."""
     if meter is not None:
         return None
+    return value_properties(properties)
+
+
+def value_properties(properties: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The properties that can be a meter's value (see stored_properties)."""
     return {key: value for key, value in (properties or {}).items()
             if "\x00" not in key and field_value(value) is not None}
 

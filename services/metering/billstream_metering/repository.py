@@ -402,17 +402,16 @@ async def pending_sources(conn: Conn) -> list[str]:
 
 async def advance_watermark(conn: asyncpg.Connection, consumer: str, source: str,
                             page: int = 10_000) -> int:
-    """Move `source`'s watermark past every sequence the consumer has applied contiguously
-    (its inbox holds one row per applied event, with the source's sequence). A dead-lettered
-    event was not applied: the watermark stops before it, and so do the period closes after
-    it, until it is redriven (see dead_lettered_at); billing a period without it would bill
-    accepted usage never, or late with no trace."""
+    """Move `source`'s watermark past every sequence the consumer has taken contiguously (its
+    inbox holds one row per event, with the source's sequence): applied, skipped or
+    dead-lettered. A dead-lettered event was not applied: the closes of its tenant and
+    environment after it wait for it apart (held_events)."""
     mark = await conn.fetchval("SELECT seq FROM source_watermarks WHERE source = $1", source) or 0
     start = mark
     while True:
         rows = await conn.fetch(
             "SELECT DISTINCT sequence FROM inbox WHERE consumer = $1 AND source = $2"
-            " AND sequence > $3 AND status <> 'dead_lettered' ORDER BY sequence LIMIT $4",
+            " AND sequence > $3 ORDER BY sequence LIMIT $4",
             consumer, source, mark, page,
         )
         for row in rows:
@@ -432,31 +431,50 @@ async def advance_watermark(conn: asyncpg.Connection, consumer: str, source: str
     return mark
 
 
-async def dead_lettered_at(conn: asyncpg.Connection, consumer: str, source: str,
-                           seq: int) -> str | None:
-    """The id of the event at `seq` of `source` when the consumer dead-lettered it."""
-    return await conn.fetchval(
-        "SELECT event_id FROM inbox WHERE consumer = $1 AND source = $2 AND sequence = $3"
-        " AND status = 'dead_lettered' LIMIT 1", consumer, source, seq)
+async def dead_lettered(conn: asyncpg.Connection, consumer: str,
+                        source: str) -> list[asyncpg.Record]:
+    """The consumer's dead-lettered events of `source` not applied since (redrive): their
+    latest dead letter's id, event id and sequence. Few, if any: read from dead_letters, each
+    inbox row by its primary key."""
+    return await conn.fetch(
+        """
+        SELECT DISTINCT ON (d.event_id) d.id, d.event_id, i.sequence
+          FROM dead_letters d
+          JOIN LATERAL (SELECT status, source, sequence FROM inbox
+                         WHERE consumer = d.consumer AND event_id = d.event_id) i ON true
+         WHERE d.consumer = $1 AND i.status = 'dead_lettered' AND i.source = $2
+         ORDER BY d.event_id, d.id DESC
+        """, consumer, source)
 
 
-async def close_waiting(conn: asyncpg.Connection, source: str, watermark: int) -> bool:
-    """Whether a pending close of `source` needs more than `watermark`."""
+async def dead_letter_payload(conn: asyncpg.Connection, dead_letter_id: int) -> bytes | None:
+    return await conn.fetchval("SELECT payload FROM dead_letters WHERE id = $1", dead_letter_id)
+
+
+async def held_closes(conn: asyncpg.Connection, source: str, tenant_id: str,
+                      environment: str, seq: int) -> int:
+    """How many pending closes of `source` a dead-lettered event of the scope at `seq`
+    holds."""
     return await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM pending_closes WHERE source = $1 AND required_seq > $2)",
-        source, watermark)
+        "SELECT count(*) FROM pending_closes WHERE source = $1 AND tenant_id = $2"
+        " AND environment = $3 AND required_seq >= $4", source, tenant_id, environment, seq)
 
 
 async def claim_due_close(conn: asyncpg.Connection, source: str, watermark: int,
-                          passed: Sequence[str] = ()):
-    """The next close whose preceding usage is applied, locked for this transaction, leaving
-    out the closes `passed` (by event id). A close waits while an earlier close of the same
-    subscription is pending (even one another replica is summarizing right now, or one that
-    waits for a meter): the sweep of a period must not run before its predecessor's."""
+                          held: Sequence[tuple[int, str, str]] = ()):
+    """The next close whose preceding usage is applied and which waits for no meter, locked
+    for this transaction. `held`: (sequence, tenant, environment) of dead-lettered events;
+    a close of that scope after one of them waits (its usage was accepted, and is not
+    applied). A close waits while an earlier close of the same subscription is pending (even
+    one another replica is summarizing right now, or one that waits for a meter or a dead
+    letter): the sweep of a period must not run before its predecessor's."""
     return await conn.fetchrow(
         """
         SELECT p.* FROM pending_closes p
-         WHERE p.source = $1 AND p.required_seq <= $2 AND p.event_id <> ALL($3::text[])
+         WHERE p.source = $1 AND p.required_seq <= $2 AND p.waits_for_meters IS NULL
+           AND NOT EXISTS (
+               SELECT 1 FROM unnest($3::bigint[], $4::text[], $5::text[]) AS h(seq, t, e)
+                WHERE h.t = p.tenant_id AND h.e = p.environment AND h.seq <= p.required_seq)
            AND NOT EXISTS (
                SELECT 1 FROM pending_closes e
                 WHERE e.tenant_id = p.tenant_id AND e.environment = p.environment
@@ -466,8 +484,22 @@ async def claim_due_close(conn: asyncpg.Connection, source: str, watermark: int,
          ORDER BY p.required_seq LIMIT 1
            FOR UPDATE SKIP LOCKED
         """,
-        source, watermark, list(passed),
+        source, watermark, [h[0] for h in held], [h[1] for h in held], [h[2] for h in held],
     )
+
+
+async def wait_for_meters(conn: asyncpg.Connection, event_id: str, codes: list[str]) -> None:
+    await conn.execute("UPDATE pending_closes SET waits_for_meters = $2 WHERE event_id = $1",
+                       event_id, codes)
+
+
+async def meter_arrived(conn: asyncpg.Connection, tenant_id: str, environment: str,
+                        code: str) -> None:
+    """The closes that waited for this meter are looked at again (for the meters they may
+    still lack, too)."""
+    await conn.execute(
+        "UPDATE pending_closes SET waits_for_meters = NULL WHERE tenant_id = $1"
+        " AND environment = $2 AND $3 = ANY(waits_for_meters)", tenant_id, environment, code)
 
 
 async def delete_pending_close(conn: asyncpg.Connection, event_id: str) -> None:

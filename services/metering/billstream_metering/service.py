@@ -105,9 +105,12 @@ def _correction(envelope: Envelope, data: UsageVoided | UsageAmended) -> Correct
         correction_id=data.correction_id, event_id=envelope.id, tenant_id=envelope.tenant_id,
         environment=envelope.environment, usage_id=data.usage_id,
         kind="amend" if amend else "void", source=envelope.source, sequence=envelope.sequence,
-        occurred_at=envelope.occurred_at, reason=data.reason,
+        # (stored as text and jsonb, which refuse NUL: ingestion refuses it, and its log must
+        # never stop this consumer; only what can be a meter's value is of use here)
+        occurred_at=envelope.occurred_at,
+        reason=data.reason.replace("\x00", "") if data.reason else data.reason,
         quantity=Decimal(data.quantity) if amend else None,
-        properties=dict(data.properties) if amend else None,
+        properties=domain.value_properties(data.properties) if amend else None,
     )
 
 
@@ -184,6 +187,7 @@ async def learn_meter(conn: asyncpg.Connection, scope: Scope, data: MeterCreated
     meter = Meter(data.code, data.aggregation, data.field)
     await repository.lock_meter(conn, scope.tenant_id, scope.environment, meter.code)
     await repository.insert_meter(conn, scope.tenant_id, scope.environment, data.meter_id, meter)
+    await repository.meter_arrived(conn, scope.tenant_id, scope.environment, meter.code)
     pending = await repository.pending_usage(conn, scope.tenant_id, scope.environment,
                                              meter.code)
     if pending:
@@ -218,17 +222,15 @@ async def close_due_periods(pool: asyncpg.Pool, store: EventStore, consumer: str
     for source in sources:
         async with pool.acquire() as conn, conn.transaction():
             watermark = await repository.advance_watermark(conn, consumer, source)
-            await _note_held_close(conn, consumer, source, watermark)
-        waiting: list[str] = []  # closes of this source waiting for a meter
+            held = await _held_by_dead_letters(conn, consumer, source)
         while True:
             async with pool.acquire() as conn, conn.transaction():
-                row = await repository.claim_due_close(conn, source, watermark, waiting)
+                row = await repository.claim_due_close(conn, source, watermark, held)
                 if row is None:
                     break
                 data = UsagePeriodClosed.model_validate(row["data"])
                 scope = Scope(row["tenant_id"], row["environment"])
                 if await _waits_for_meters(conn, scope, data, row["event_id"]):
-                    waiting.append(row["event_id"])
                     continue
                 await summarize_period(
                     conn, store, scope, data,
@@ -240,47 +242,56 @@ async def close_due_periods(pool: asyncpg.Pool, store: EventStore, consumer: str
     return closed
 
 
-#: Closes already reported as waiting for a meter (by event id; per process, bounded).
-_REPORTED_METER_WAITS: set[str] = set()
-
-
 async def _waits_for_meters(conn: asyncpg.Connection, scope: Scope, data: UsagePeriodClosed,
                             event_id: str) -> bool:
     """Whether a meter of the plan's usage charges is not known here yet. The subscription
     service refuses a plan whose meters do not exist, so `meter.created` is on its way (the
-    catalog consumer lags, or is being rebuilt): the close waits for it."""
+    catalog consumer lags, or is being rebuilt): the close is marked as waiting for it (and
+    said so, once) until learn_meter clears the mark. The meter's lock orders this with its
+    arrival: learn_meter either commits before the second look, or clears the mark after."""
     codes = domain.usage_meters(data.subscription.plan.charges)
     if not codes:
         return False
     known = await repository.get_meters(conn, scope.tenant_id, scope.environment, codes)
     missing = sorted(set(codes) - set(known))
-    if missing and event_id not in _REPORTED_METER_WAITS:
-        if len(_REPORTED_METER_WAITS) >= 10_000:
-            _REPORTED_METER_WAITS.clear()
-        _REPORTED_METER_WAITS.add(event_id)
+    if not missing:
+        return False
+    for code in missing:  # sorted: two closes lock in the same order
+        await repository.lock_meter(conn, scope.tenant_id, scope.environment, code)
+    known = await repository.get_meters(conn, scope.tenant_id, scope.environment, missing)
+    missing = [code for code in missing if code not in known]
+    if missing:
+        await repository.wait_for_meters(conn, event_id, missing)
         log.warning("period_close_waits_for_meter", event_id=event_id, meters=missing,
                     subscription_id=data.subscription.subscription_id)
     return bool(missing)
 
 
-#: (source, sequence) of the dead-lettered events already reported as holding closes back.
-_REPORTED_HOLDS: set[tuple[str, int]] = set()
+#: Dead letters already read: their id -> (sequence, tenant, environment). Per process; a
+#: handful at most (an entry per event the usage consumer could not apply).
+_HELD: dict[int, tuple[int, str, str]] = {}
 
 
-async def _note_held_close(conn: asyncpg.Connection, consumer: str, source: str,
-                           watermark: int) -> None:
-    """Say (once per process and event) when a dead-lettered event holds period closes back:
-    nothing bills those periods until it is redriven."""
-    held = watermark + 1
-    if (source, held) in _REPORTED_HOLDS or not await repository.close_waiting(
-            conn, source, watermark):
-        return
-    event_id = await repository.dead_lettered_at(conn, consumer, source, held)
-    if event_id is not None:
-        _REPORTED_HOLDS.add((source, held))
-        log.error("period_closes_held_by_dead_letter", source=source, sequence=held,
-                  event_id=event_id, consumer=consumer,
-                  fix=f"fix the cause, then run `redrive {consumer}`")
+async def _held_by_dead_letters(conn: asyncpg.Connection, consumer: str,
+                                source: str) -> list[tuple[int, str, str]]:
+    """(sequence, tenant, environment) of each event of `source` the usage consumer
+    dead-lettered and has not applied since. Its scope's closes after it wait: its usage was
+    accepted, and billing those periods without it would bill it never (it used to). Other
+    tenants' closes go ahead. Said once per process and event, with what to do."""
+    held = []
+    for row in await repository.dead_lettered(conn, consumer, source):
+        known = _HELD.get(row["id"])
+        if known is None:
+            payload = await repository.dead_letter_payload(conn, row["id"])
+            env = Envelope.model_validate_json(payload)  # (only events are dead-lettered)
+            known = _HELD[row["id"]] = (row["sequence"], env.tenant_id, env.environment)
+            log.error("period_closes_held_by_dead_letter", source=source, consumer=consumer,
+                      sequence=known[0], event_id=row["event_id"], tenant_id=known[1],
+                      environment=known[2],
+                      held=await repository.held_closes(conn, source, *known[1:], known[0]),
+                      fix=f"fix the cause, then run `redrive {consumer.split('.')[-1]}`")
+        held.append(known)
+    return held
 
 
 async def summarize_period(conn: asyncpg.Connection, store: EventStore, scope: Scope,
