@@ -95,12 +95,25 @@ async def get_meters(conn: Conn, tenant_id: str, environment: str,
     return {r["code"]: Meter(r["code"], r["aggregation"], r["field"]) for r in rows}
 
 
+def _meter_lock(tenant_id: str, environment: str, code: str) -> tuple[int, int]:
+    return 7_311_102, zlib.crc32(f"{tenant_id}\0{environment}\0{code}".encode()) - 2**31
+
+
 async def lock_meter(conn: asyncpg.Connection, tenant_id: str, environment: str,
                      code: str) -> None:
     """Serialize "usage for a meter not known yet" with that meter's arrival (transaction
     lock), so a usage row is either seen by the meter's backfill or sees the meter itself."""
-    key = zlib.crc32(f"{tenant_id}\0{environment}\0{code}".encode())
-    await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", 7_311_102, key - 2**31)
+    await conn.execute("SELECT pg_advisory_xact_lock($1, $2)",
+                       *_meter_lock(tenant_id, environment, code))
+
+
+async def try_lock_meter_shared(conn: asyncpg.Connection, tenant_id: str, environment: str,
+                                code: str) -> bool:
+    """lock_meter's lock in share mode, without waiting: False while a transaction holds it
+    (learning the meter, or recording usage for it while it is unknown). Holders in share
+    mode (period closes) do not exclude one another."""
+    return await conn.fetchval("SELECT pg_try_advisory_xact_lock_shared($1, $2)",
+                               *_meter_lock(tenant_id, environment, code))
 
 
 async def insert_meter(conn: asyncpg.Connection, tenant_id: str, environment: str,
@@ -451,30 +464,34 @@ async def dead_letter_payload(conn: asyncpg.Connection, dead_letter_id: int) -> 
     return await conn.fetchval("SELECT payload FROM dead_letters WHERE id = $1", dead_letter_id)
 
 
-async def held_closes(conn: asyncpg.Connection, source: str, tenant_id: str,
-                      environment: str, seq: int) -> int:
-    """How many pending closes of `source` a dead-lettered event of the scope at `seq`
-    holds."""
+async def held_closes(conn: asyncpg.Connection, source: str, tenant_id: str | None,
+                      environment: str | None, seq: int) -> int:
+    """How many pending closes of `source` a dead-lettered event of the scope (None: of any)
+    at `seq` holds."""
     return await conn.fetchval(
-        "SELECT count(*) FROM pending_closes WHERE source = $1 AND tenant_id = $2"
-        " AND environment = $3 AND required_seq >= $4", source, tenant_id, environment, seq)
+        "SELECT count(*) FROM pending_closes WHERE source = $1 AND required_seq >= $4"
+        " AND ($2::text IS NULL OR tenant_id = $2 AND environment = $3)",
+        source, tenant_id, environment, seq)
 
 
 async def claim_due_close(conn: asyncpg.Connection, source: str, watermark: int,
-                          held: Sequence[tuple[int, str, str]] = ()):
+                          held: Sequence[tuple[int, str | None, str | None]] = (),
+                          passed: Sequence[str] = ()):
     """The next close whose preceding usage is applied and which waits for no meter, locked
-    for this transaction. `held`: (sequence, tenant, environment) of dead-lettered events;
-    a close of that scope after one of them waits (its usage was accepted, and is not
-    applied). A close waits while an earlier close of the same subscription is pending (even
+    for this transaction, leaving out the closes `passed` (event ids). `held`: (sequence,
+    tenant, environment) of dead-lettered events; a close of that scope after one of them
+    waits (its usage was accepted, and is not applied); a scope of None holds every close. A close waits while an earlier close of the same subscription is pending (even
     one another replica is summarizing right now, or one that waits for a meter or a dead
     letter): the sweep of a period must not run before its predecessor's."""
     return await conn.fetchrow(
         """
         SELECT p.* FROM pending_closes p
          WHERE p.source = $1 AND p.required_seq <= $2 AND p.waits_for_meters IS NULL
+           AND p.event_id <> ALL($6::text[])
            AND NOT EXISTS (
                SELECT 1 FROM unnest($3::bigint[], $4::text[], $5::text[]) AS h(seq, t, e)
-                WHERE h.t = p.tenant_id AND h.e = p.environment AND h.seq <= p.required_seq)
+                WHERE h.seq <= p.required_seq
+                  AND (h.t IS NULL OR h.t = p.tenant_id AND h.e = p.environment))
            AND NOT EXISTS (
                SELECT 1 FROM pending_closes e
                 WHERE e.tenant_id = p.tenant_id AND e.environment = p.environment
@@ -485,6 +502,7 @@ async def claim_due_close(conn: asyncpg.Connection, source: str, watermark: int,
            FOR UPDATE SKIP LOCKED
         """,
         source, watermark, [h[0] for h in held], [h[1] for h in held], [h[2] for h in held],
+        list(passed),
     )
 
 

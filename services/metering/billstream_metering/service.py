@@ -223,14 +223,18 @@ async def close_due_periods(pool: asyncpg.Pool, store: EventStore, consumer: str
         async with pool.acquire() as conn, conn.transaction():
             watermark = await repository.advance_watermark(conn, consumer, source)
             held = await _held_by_dead_letters(conn, consumer, source)
+        busy: list[str] = []  # closes whose meter is being learned right now: next pass
         while True:
             async with pool.acquire() as conn, conn.transaction():
-                row = await repository.claim_due_close(conn, source, watermark, held)
+                row = await repository.claim_due_close(conn, source, watermark, held, busy)
                 if row is None:
                     break
                 data = UsagePeriodClosed.model_validate(row["data"])
                 scope = Scope(row["tenant_id"], row["environment"])
-                if await _waits_for_meters(conn, scope, data, row["event_id"]):
+                waits = await _waits_for_meters(conn, scope, data, row["event_id"])
+                if waits is None:
+                    busy.append(row["event_id"])
+                if waits is not False:
                     continue
                 await summarize_period(
                     conn, store, scope, data,
@@ -243,12 +247,15 @@ async def close_due_periods(pool: asyncpg.Pool, store: EventStore, consumer: str
 
 
 async def _waits_for_meters(conn: asyncpg.Connection, scope: Scope, data: UsagePeriodClosed,
-                            event_id: str) -> bool:
+                            event_id: str) -> bool | None:
     """Whether a meter of the plan's usage charges is not known here yet. The subscription
     service refuses a plan whose meters do not exist, so `meter.created` is on its way (the
     catalog consumer lags, or is being rebuilt): the close is marked as waiting for it (and
     said so, once) until learn_meter clears the mark. The meter's lock orders this with its
-    arrival: learn_meter either commits before the second look, or clears the mark after."""
+    arrival: learn_meter either commits before the second look, or clears the mark after.
+    The lock is only tried, in share mode (None when a batch holds it: look again next pass):
+    a batch takes meters' locks in its own order, and waiting here could deadlock with it;
+    closes do not exclude one another."""
     codes = domain.usage_meters(data.subscription.plan.charges)
     if not codes:
         return False
@@ -256,8 +263,10 @@ async def _waits_for_meters(conn: asyncpg.Connection, scope: Scope, data: UsageP
     missing = sorted(set(codes) - set(known))
     if not missing:
         return False
-    for code in missing:  # sorted: two closes lock in the same order
-        await repository.lock_meter(conn, scope.tenant_id, scope.environment, code)
+    for code in missing:
+        if not await repository.try_lock_meter_shared(conn, scope.tenant_id, scope.environment,
+                                                      code):
+            return None
     known = await repository.get_meters(conn, scope.tenant_id, scope.environment, missing)
     missing = [code for code in missing if code not in known]
     if missing:
@@ -267,24 +276,32 @@ async def _waits_for_meters(conn: asyncpg.Connection, scope: Scope, data: UsageP
     return bool(missing)
 
 
-#: Dead letters already read: their id -> (sequence, tenant, environment). Per process; a
-#: handful at most (an entry per event the usage consumer could not apply).
-_HELD: dict[int, tuple[int, str, str]] = {}
+#: Dead-lettered events already read: event id -> (sequence, tenant, environment), facts of
+#: the event that never change. Per process; an entry per event the usage consumer could
+#: not apply (bounded all the same).
+_HELD: dict[str, tuple[int, str | None, str | None]] = {}
 
 
 async def _held_by_dead_letters(conn: asyncpg.Connection, consumer: str,
-                                source: str) -> list[tuple[int, str, str]]:
+                                source: str) -> list[tuple[int, str | None, str | None]]:
     """(sequence, tenant, environment) of each event of `source` the usage consumer
     dead-lettered and has not applied since. Its scope's closes after it wait: its usage was
     accepted, and billing those periods without it would bill it never (it used to). Other
-    tenants' closes go ahead. Said once per process and event, with what to do."""
+    tenants' closes go ahead; all wait if its envelope cannot be read any more (scope None).
+    Said once per process and event, with what to do."""
     held = []
     for row in await repository.dead_lettered(conn, consumer, source):
-        known = _HELD.get(row["id"])
+        known = _HELD.get(row["event_id"])
         if known is None:
             payload = await repository.dead_letter_payload(conn, row["id"])
-            env = Envelope.model_validate_json(payload)  # (only events are dead-lettered)
-            known = _HELD[row["id"]] = (row["sequence"], env.tenant_id, env.environment)
+            try:
+                env = Envelope.model_validate_json(payload)
+                scope: tuple[str | None, str | None] = (env.tenant_id, env.environment)
+            except ValueError:  # (pydantic's ValidationError is one)
+                scope = (None, None)
+            if len(_HELD) >= 10_000:
+                _HELD.clear()
+            known = _HELD[row["event_id"]] = (row["sequence"], *scope)
             log.error("period_closes_held_by_dead_letter", source=source, consumer=consumer,
                       sequence=known[0], event_id=row["event_id"], tenant_id=known[1],
                       environment=known[2],
