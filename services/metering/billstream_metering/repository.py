@@ -476,9 +476,10 @@ async def held_closes(conn: asyncpg.Connection, source: str, tenant_id: str | No
 
 async def claim_due_close(conn: asyncpg.Connection, source: str, watermark: int,
                           held: Sequence[tuple[int, str | None, str | None]] = (),
-                          passed: Sequence[str] = ()):
-    """The next close whose preceding usage is applied and which waits for no meter, locked
-    for this transaction, leaving out the closes `passed` (event ids). `held`: (sequence,
+                          after: tuple[int, str] = (-1, "")):
+    """The next close after `after` (required_seq, event_id: where this pass stands; what it
+    passed over cannot become due again before the next pass) whose preceding usage is
+    applied and which waits for no meter, locked for this transaction. `held`: (sequence,
     tenant, environment) of dead-lettered events; a close of that scope after one of them
     waits (its usage was accepted, and is not applied); a scope of None holds every close. A close waits while an earlier close of the same subscription is pending (even
     one another replica is summarizing right now, or one that waits for a meter or a dead
@@ -487,7 +488,7 @@ async def claim_due_close(conn: asyncpg.Connection, source: str, watermark: int,
         """
         SELECT p.* FROM pending_closes p
          WHERE p.source = $1 AND p.required_seq <= $2 AND p.waits_for_meters IS NULL
-           AND p.event_id <> ALL($6::text[])
+           AND (p.required_seq, p.event_id) > ($6::bigint, $7::text)
            AND NOT EXISTS (
                SELECT 1 FROM unnest($3::bigint[], $4::text[], $5::text[]) AS h(seq, t, e)
                 WHERE h.seq <= p.required_seq
@@ -498,11 +499,11 @@ async def claim_due_close(conn: asyncpg.Connection, source: str, watermark: int,
                   AND e.data -> 'subscription' ->> 'subscription_id'
                       = p.data -> 'subscription' ->> 'subscription_id'
                   AND e.required_seq < p.required_seq)
-         ORDER BY p.required_seq LIMIT 1
+         ORDER BY p.required_seq, p.event_id LIMIT 1
            FOR UPDATE SKIP LOCKED
         """,
         source, watermark, [h[0] for h in held], [h[1] for h in held], [h[2] for h in held],
-        list(passed),
+        after[0], after[1],
     )
 
 

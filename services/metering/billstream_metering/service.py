@@ -223,19 +223,21 @@ async def close_due_periods(pool: asyncpg.Pool, store: EventStore, consumer: str
         async with pool.acquire() as conn, conn.transaction():
             watermark = await repository.advance_watermark(conn, consumer, source)
             held = await _held_by_dead_letters(conn, consumer, source)
-        busy: list[str] = []  # closes whose meter is being learned right now: next pass
+        # One walk through the source's due closes in log order: each claim starts where the
+        # last one stood, so closes passed over (held, waiting, busy, another replica's) cost
+        # the pass once each. (READ COMMITTED: _waits_for_meters relies on each statement
+        # seeing what committed before it.)
+        after = (-1, "")
         while True:
-            async with pool.acquire() as conn, conn.transaction():
-                row = await repository.claim_due_close(conn, source, watermark, held, busy)
+            async with pool.acquire() as conn, conn.transaction(isolation="read_committed"):
+                row = await repository.claim_due_close(conn, source, watermark, held, after)
                 if row is None:
                     break
+                after = (row["required_seq"], row["event_id"])
                 data = UsagePeriodClosed.model_validate(row["data"])
                 scope = Scope(row["tenant_id"], row["environment"])
-                waits = await _waits_for_meters(conn, scope, data, row["event_id"])
-                if waits is None:
-                    busy.append(row["event_id"])
-                if waits is not False:
-                    continue
+                if await _waits_for_meters(conn, scope, data, row["event_id"]) is not False:
+                    continue  # waits for a meter (marked), or its lock is busy: next pass
                 await summarize_period(
                     conn, store, scope, data,
                     Cause(row["event_id"], row["correlation_id"]),

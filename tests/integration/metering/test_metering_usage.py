@@ -435,17 +435,9 @@ async def test_closes_waiting_for_a_meter_are_looked_at_once_until_it_comes(mete
 
     code, source, n = unique("late"), unique("src"), 300
     cus = await metering.create_customer("acme-many")
-    async with metering.host.pool.acquire() as conn:
-        await conn.executemany(
-            "INSERT INTO pending_closes (event_id, tenant_id, environment, source,"
-            " required_seq, data) VALUES ($1, $2, 'test', $3, 0, $4)",
-            [(new_id("evt"), metering.tenant_id, source, closed(period_ended(
-                cus, "acme-many", plan(code), JAN, FEB, subscription_id=new_id("sub")
-            )).model_dump(mode="json")) for _ in range(n)])
+    mine = {new_id("evt") for _ in range(n)}
     looked, logged = [], []
     checks = service._waits_for_meters
-    mine = {r["event_id"] for r in await metering.host.pool.fetch(
-        "SELECT event_id FROM pending_closes WHERE source = $1", source)}
 
     async def counted(conn, scope, data, event_id):
         if event_id in mine:  # (earlier tests' closes come again on the shared topic)
@@ -455,6 +447,13 @@ async def test_closes_waiting_for_a_meter_are_looked_at_once_until_it_comes(mete
     monkeypatch.setattr(service, "_waits_for_meters", counted)
     monkeypatch.setattr(service.log, "warning", lambda event, **kw: logged.append(
         kw.get("event_id")) if event == "period_close_waits_for_meter" else None)
+    async with metering.host.pool.acquire() as conn:  # (the background task counts too)
+        await conn.executemany(
+            "INSERT INTO pending_closes (event_id, tenant_id, environment, source,"
+            " required_seq, data) VALUES ($1, $2, 'test', $3, 0, $4)",
+            [(event_id, metering.tenant_id, source, closed(period_ended(
+                cus, "acme-many", plan(code), JAN, FEB, subscription_id=new_id("sub")
+            )).model_dump(mode="json")) for event_id in mine])
     consumer = next(c.name for c in metering.host.consumers if c.name.endswith(".usage"))
     for _ in range(2):
         await service.close_due_periods(metering.host.pool, metering.host.store, consumer)
@@ -478,11 +477,6 @@ async def test_a_close_never_waits_on_a_meter_lock_a_batch_holds(metering):
     cus = await metering.create_customer("acme-lock")
     close_id, source = new_id("evt"), unique("src")
     pool = metering.host.pool
-    await pool.execute(
-        "INSERT INTO pending_closes (event_id, tenant_id, environment, source, required_seq,"
-        " data) VALUES ($1, $2, 'test', $3, 0, $4)", close_id, metering.tenant_id, source,
-        closed(period_ended(cus, "acme-lock", plan(a, b), JAN, FEB,
-                            subscription_id=new_id("sub"))).model_dump(mode="json"))
     scope = service.Scope(metering.tenant_id, "test")
     consumer = next(c.name for c in metering.host.consumers if c.name.endswith(".usage"))
     async with pool.acquire() as catalog, catalog.transaction():
@@ -491,6 +485,12 @@ async def test_a_close_never_waits_on_a_meter_lock_a_batch_holds(metering):
                 meter_id=new_id("mtr"), code=code, aggregation="sum",
                 created_at=datetime.now(UTC)))
             if code == b:  # b's lock held: a pass neither waits for it nor marks the close
+                await pool.execute(  # (only now: before, a pass would mark it, rightly)
+                    "INSERT INTO pending_closes (event_id, tenant_id, environment, source,"
+                    " required_seq, data) VALUES ($1, $2, 'test', $3, 0, $4)", close_id,
+                    metering.tenant_id, source,
+                    closed(period_ended(cus, "acme-lock", plan(a, b), JAN, FEB,
+                                        subscription_id=new_id("sub"))).model_dump(mode="json"))
                 await asyncio.wait_for(
                     service.close_due_periods(pool, metering.host.store, consumer), 20)
                 row = await pool.fetchrow(
