@@ -481,8 +481,9 @@ async def claim_due_close(conn: asyncpg.Connection, source: str, watermark: int,
     passed over cannot become due again before the next pass) whose preceding usage is
     applied and which waits for no meter, locked for this transaction. `held`: (sequence,
     tenant, environment) of dead-lettered events; a close of that scope after one of them
-    waits (its usage was accepted, and is not applied); a scope of None holds every close. A close waits while an earlier close of the same subscription is pending (even
-    one another replica is summarizing right now, or one that waits for a meter or a dead
+    waits (its usage was accepted, and is not applied); a scope of None holds every close.
+    A close waits while an earlier close of the same subscription is pending (even one
+    another replica is summarizing right now, or one that waits for a meter or a dead
     letter): the sweep of a period must not run before its predecessor's."""
     return await conn.fetchrow(
         """
