@@ -1,7 +1,14 @@
 """Event store (transactional append), outbox relay, consumer runtime with inbox and dead
 letters, replay, and the ServiceHost that runs a service with them."""
 
-from billstream_messaging.consumer import EventConsumer, EventContext, Handler, Redriven
+from billstream_messaging.consumer import (
+    EventConsumer,
+    EventContext,
+    Handler,
+    Redriven,
+    dead_letter_payloads,
+    unapplied_dead_letters,
+)
 from billstream_messaging.host import API_KEY_HANDLERS, AUTH_TOPIC, ServiceHost, run_cli
 from billstream_messaging.store import Cause, EventStore, NewEvent
 
@@ -16,5 +23,7 @@ __all__ = [
     "NewEvent",
     "Redriven",
     "ServiceHost",
+    "dead_letter_payloads",
     "run_cli",
+    "unapplied_dead_letters",
 ]

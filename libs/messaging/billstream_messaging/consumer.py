@@ -66,6 +66,37 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+async def unapplied_dead_letters(conn: asyncpg.Connection | asyncpg.Pool, consumer: str,
+                                 source: str | None = None) -> list[asyncpg.Record]:
+    """The events `consumer` dead-lettered and has not applied since (their inbox row still
+    `dead_lettered`; of `source` only, if given), in the order they were consumed: the
+    latest dead letter of each (`id`, `event_id`, `topic`, `partition`, `offset`) with the
+    event's `source` and `sequence`. Few, if any: read from `dead_letters`, each inbox row by
+    its primary key."""
+    return await conn.fetch(
+        """
+        SELECT * FROM (
+            SELECT DISTINCT ON (d.event_id) d.id, d.event_id, d.topic, d.partition, d."offset",
+                   i.source, i.sequence
+              FROM dead_letters d
+              JOIN LATERAL (SELECT status, source, sequence FROM inbox
+                             WHERE consumer = d.consumer AND event_id = d.event_id) i ON true
+             WHERE d.consumer = $1 AND d.payload IS NOT NULL AND i.status = 'dead_lettered'
+               AND ($2::text IS NULL OR i.source = $2)
+             ORDER BY d.event_id, d.id DESC) latest
+         ORDER BY topic, partition, "offset"
+        """,
+        consumer, source,
+    )
+
+
+async def dead_letter_payloads(conn: asyncpg.Connection | asyncpg.Pool,
+                               ids: list[int]) -> dict[int, bytes]:
+    """The records' values kept with these dead letters, by dead letter id."""
+    return {r["id"]: r["payload"] for r in await conn.fetch(
+        "SELECT id, payload FROM dead_letters WHERE id = ANY($1::bigint[])", ids)}
+
+
 class _HandlerFailed(Exception):
     def __init__(self, event_id: str, event_type: str, error: BaseException) -> None:
         super().__init__(f"{event_type} {event_id}: {error!r}")
@@ -281,29 +312,12 @@ class EventConsumer:
         return await bound._redrive(pool)
 
     async def _redrive(self, pool: asyncpg.Pool) -> Redriven:
-        # which (the latest dead letter of each event), then their payloads a page at a time:
-        # a usage batch's is up to 256 KiB
-        rows = await pool.fetch(
-            """
-            SELECT * FROM (
-                SELECT DISTINCT ON (d.event_id) d.id, d.topic, d.partition, d."offset",
-                       d.event_id
-                  FROM dead_letters d
-                 WHERE d.consumer = $1 AND d.payload IS NOT NULL
-                   AND (SELECT i.status FROM inbox i  -- its primary key: one probe each
-                         WHERE i.consumer = d.consumer AND i.event_id = d.event_id)
-                       = 'dead_lettered'
-                 ORDER BY d.event_id, d.id DESC) latest
-             ORDER BY topic, partition, "offset"
-            """,
-            self.name,
-        )
+        # which, then their payloads a page at a time: a usage batch's is up to 256 KiB
+        rows = await unapplied_dead_letters(pool, self.name)
         step = max(1, min(self._settings.consumer_max_records, 100))
         for start in range(0, len(rows), step):
             page = rows[start:start + step]
-            payloads = {r["id"]: r["payload"] for r in await pool.fetch(
-                "SELECT id, payload FROM dead_letters WHERE id = ANY($1::bigint[])",
-                [r["id"] for r in page])}
+            payloads = await dead_letter_payloads(pool, [r["id"] for r in page])
             await self.apply([ConsumerRecord(
                 topic=r["topic"], partition=r["partition"], offset=r["offset"], timestamp=-1,
                 timestamp_type=0, key=None, value=payloads[r["id"]], checksum=None,

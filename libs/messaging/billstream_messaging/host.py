@@ -257,11 +257,15 @@ class ServiceHost:
         pool = await self._connect()
         await pool.close()
 
+    def _full_name(self, consumer: str) -> str:
+        """`usage` or `metering.usage` -> `metering.usage`."""
+        return consumer if consumer.startswith(f"{self.name}.") else f"{self.name}.{consumer}"
+
     async def redrive(self, consumer: str) -> Redriven:
         """Apply the consumer's dead-lettered events again (EventConsumer.redrive), from this
         process, beside a running service: events its handlers append are the relay's to
         publish like any other."""
-        full = consumer if consumer.startswith(f"{self.name}.") else f"{self.name}.{consumer}"
+        full = self._full_name(consumer)
         chosen = [c for c in self.consumers if c.name == full]
         if not chosen:
             raise SystemExit(f"unknown consumer {consumer!r}; known: "
@@ -278,7 +282,7 @@ class ServiceHost:
             await pool.close()
 
     async def rebuild(self, consumer: str) -> int:
-        full = consumer if consumer.startswith(f"{self.name}.") else f"{self.name}.{consumer}"
+        full = self._full_name(consumer)
         if full not in self.read_models:
             raise SystemExit(
                 f"unknown read model {consumer!r}; known: {', '.join(self.read_models) or '-'}"

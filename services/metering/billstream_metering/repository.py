@@ -418,7 +418,7 @@ async def advance_watermark(conn: asyncpg.Connection, consumer: str, source: str
     """Move `source`'s watermark past every sequence the consumer has taken contiguously (its
     inbox holds one row per event, with the source's sequence): applied, skipped or
     dead-lettered. A dead-lettered event was not applied: the closes of its tenant and
-    environment after it wait for it apart (held_events)."""
+    environment after it wait for it apart (service._held_by_dead_letters)."""
     mark = await conn.fetchval("SELECT seq FROM source_watermarks WHERE source = $1", source) or 0
     start = mark
     while True:
@@ -442,26 +442,6 @@ async def advance_watermark(conn: asyncpg.Connection, consumer: str, source: str
             source, mark,
         )
     return mark
-
-
-async def dead_lettered(conn: asyncpg.Connection, consumer: str,
-                        source: str) -> list[asyncpg.Record]:
-    """The consumer's dead-lettered events of `source` not applied since (redrive): their
-    latest dead letter's id, event id and sequence. Few, if any: read from dead_letters, each
-    inbox row by its primary key."""
-    return await conn.fetch(
-        """
-        SELECT DISTINCT ON (d.event_id) d.id, d.event_id, i.sequence
-          FROM dead_letters d
-          JOIN LATERAL (SELECT status, source, sequence FROM inbox
-                         WHERE consumer = d.consumer AND event_id = d.event_id) i ON true
-         WHERE d.consumer = $1 AND i.status = 'dead_lettered' AND i.source = $2
-         ORDER BY d.event_id, d.id DESC
-        """, consumer, source)
-
-
-async def dead_letter_payload(conn: asyncpg.Connection, dead_letter_id: int) -> bytes | None:
-    return await conn.fetchval("SELECT payload FROM dead_letters WHERE id = $1", dead_letter_id)
 
 
 async def held_closes(conn: asyncpg.Connection, source: str, tenant_id: str | None,

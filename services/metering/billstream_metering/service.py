@@ -22,7 +22,13 @@ from billstream_contracts.events import (
     UsageVoided,
 )
 from billstream_contracts import Envelope
-from billstream_messaging import Cause, EventStore, NewEvent
+from billstream_messaging import (
+    Cause,
+    EventStore,
+    NewEvent,
+    dead_letter_payloads,
+    unapplied_dead_letters,
+)
 from billstream_metering import domain, repository
 from billstream_metering.domain import Meter, RecordState, Totals
 from billstream_metering.repository import Correction, Customer, UsageRow, UsageState
@@ -292,10 +298,10 @@ async def _held_by_dead_letters(conn: asyncpg.Connection, consumer: str,
     tenants' closes go ahead; all wait if its envelope cannot be read any more (scope None).
     Said once per process and event, with what to do."""
     held = []
-    for row in await repository.dead_lettered(conn, consumer, source):
+    for row in await unapplied_dead_letters(conn, consumer, source):
         known = _HELD.get(row["event_id"])
         if known is None:
-            payload = await repository.dead_letter_payload(conn, row["id"])
+            payload = (await dead_letter_payloads(conn, [row["id"]]))[row["id"]]
             try:
                 env = Envelope.model_validate_json(payload)
                 scope: tuple[str | None, str | None] = (env.tenant_id, env.environment)

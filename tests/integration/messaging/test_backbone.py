@@ -501,7 +501,7 @@ async def test_stop_ends_tasks_that_lost_a_cancellation(fresh_database, kafka_bo
         restarts.append(1)
         converting_started.set()
         try:
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # until cancelled
         except asyncio.CancelledError:
             raise RuntimeError("cancelled, reported as a failure") from None
 
@@ -513,10 +513,10 @@ async def test_stop_ends_tasks_that_lost_a_cancellation(fresh_database, kafka_bo
     async def stubborn():
         stubborn_started.set()
         try:
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # until cancelled
         except asyncio.CancelledError:
             pass  # lost once
-        await asyncio.sleep(3600)
+        await asyncio.Event().wait()  # until cancelled
 
     h._running.append(asyncio.create_task(stubborn(), name="stubborn"))
     await asyncio.wait_for(stubborn_started.wait(), timeout=30)
