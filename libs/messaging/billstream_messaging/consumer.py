@@ -20,6 +20,12 @@ Event types the consumer has no handler for are counted and skipped (recorded as
 the inbox, so per-source progress has no holes; a later version that handles the type applies
 them when they come again).
 
+A record whose value is not an envelope is dead-lettered too. The relay names the event in
+the record's headers (`event_id`, `event_source`, `event_sequence`: `log_position`), so such a
+record still takes its inbox row (`dead_lettered`): the source's progress has no hole that
+nothing explains, a redelivery is a duplicate, and `redrive` retries it. A record without them
+(not written by a relay) is dead-lettered with no inbox row.
+
 A dead-lettered event is not applied: per-source progress stops at it (metering holds the
 period closes after it). Once the cause is fixed, `redrive` applies the consumer's
 dead-lettered events again through the same path (the service's `redrive CONSUMER` command).
@@ -66,18 +72,52 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class LogPosition:
+    """Which event a record carries, from the headers the relay writes (record_headers)."""
+
+    event_id: str
+    event_type: str | None
+    source: str
+    sequence: int
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [("event_id", self.event_id.encode()), ("event_source", self.source.encode()),
+                ("event_sequence", str(self.sequence).encode()),
+                *([("event_type", self.event_type.encode())] if self.event_type else [])]
+
+
+def log_position(rec: ConsumerRecord) -> LogPosition | None:
+    """The event a record carries according to its headers; None without them (a record not
+    written by a relay) or when they do not make sense."""
+    headers = {}
+    for name, value in rec.headers or ():
+        if name in ("event_id", "event_source", "event_sequence", "event_type"):
+            try:
+                headers[name] = value.decode()
+            except (UnicodeDecodeError, AttributeError):
+                return None
+    event_id, source, sequence = (headers.get("event_id"), headers.get("event_source"),
+                                  headers.get("event_sequence"))
+    if not event_id or not source or not sequence or not sequence.isdigit():
+        return None
+    if len(event_id) > 255 or len(source) > 255 or int(sequence) < 1:
+        return None
+    return LogPosition(event_id, headers.get("event_type"), source, int(sequence))
+
+
 async def unapplied_dead_letters(conn: asyncpg.Connection | asyncpg.Pool, consumer: str,
                                  source: str | None = None) -> list[asyncpg.Record]:
     """The events `consumer` dead-lettered and has not applied since (their inbox row still
     `dead_lettered`; of `source` only, if given), in the order they were consumed: the
-    latest dead letter of each (`id`, `event_id`, `topic`, `partition`, `offset`) with the
-    event's `source` and `sequence`. Few, if any: read from `dead_letters`, each inbox row by
-    its primary key."""
+    latest dead letter of each (`id`, `event_id`, `event_type`, `topic`, `partition`,
+    `offset`) with the event's `source` and `sequence`. Few, if any: read from
+    `dead_letters`, each inbox row by its primary key."""
     return await conn.fetch(
         """
         SELECT * FROM (
-            SELECT DISTINCT ON (d.event_id) d.id, d.event_id, d.topic, d.partition, d."offset",
-                   i.source, i.sequence
+            SELECT DISTINCT ON (d.event_id) d.id, d.event_id, d.event_type, d.topic,
+                   d.partition, d."offset", i.source, i.sequence
               FROM dead_letters d
               JOIN LATERAL (SELECT status, source, sequence FROM inbox
                              WHERE consumer = d.consumer AND event_id = d.event_id) i ON true
@@ -208,12 +248,12 @@ class EventConsumer:
         status in `retake` is applied as new (`skipped`: a type this version now handles;
         `redrive` adds `dead_lettered`); any other row makes it a duplicate."""
         parsed: list[tuple[ConsumerRecord, Envelope]] = []
-        malformed: list[tuple[ConsumerRecord, str]] = []
+        malformed: list[tuple[ConsumerRecord, LogPosition | None, str]] = []
         for rec in records:
             try:
                 parsed.append((rec, Envelope.model_validate_json(rec.value)))
             except (ValidationError, ValueError, TypeError) as exc:
-                malformed.append((rec, f"malformed envelope: {exc}"))
+                malformed.append((rec, log_position(rec), f"malformed envelope: {exc}"))
         attempts: dict[str, int] = {}
         poison: dict[str, str] = {}
         backoff = self._settings.consumer_retry_backoff_s
@@ -240,8 +280,24 @@ class EventConsumer:
         assert self._pool is not None
         outcomes: dict[str, int] = {}
         async with self._pool.acquire() as conn, conn.transaction():
-            for rec, reason in malformed:
-                await self._dead_letter(conn, rec, None, reason)
+            for rec, position, reason in malformed:
+                if position is not None and not await conn.fetchval(
+                    """
+                    INSERT INTO inbox (consumer, event_id, source, sequence, status)
+                    VALUES ($1, $2, $3, $4, 'dead_lettered')
+                    ON CONFLICT (consumer, event_id) DO UPDATE
+                       SET status = 'dead_lettered', processed_at = now()
+                     WHERE inbox.status = ANY($5::text[])
+                    RETURNING true
+                    """,
+                    self.name, position.event_id, position.source, position.sequence,
+                    list(retake),
+                ):
+                    outcomes["duplicate"] = outcomes.get("duplicate", 0) + 1
+                    continue
+                event_id, event_type = ((position.event_id, position.event_type) if position
+                                        else (None, None))
+                await self._dead_letter(conn, rec, event_id, event_type, reason)
                 outcomes["dead_lettered"] = outcomes.get("dead_lettered", 0) + 1
             handled = [(rec, env) for rec, env in parsed if env.type in self.handlers]
             unknown = list({env.id: env for _, env in parsed
@@ -287,7 +343,7 @@ class EventConsumer:
                     continue
                 new_ids.discard(env.id)  # the same event twice in one batch applies once
                 if env.id in poison:
-                    await self._dead_letter(conn, rec, env, poison[env.id])
+                    await self._dead_letter(conn, rec, env.id, env.type, poison[env.id])
                     await conn.execute(
                         "UPDATE inbox SET status = 'dead_lettered'"
                         " WHERE consumer = $1 AND event_id = $2", self.name, env.id,
@@ -305,7 +361,8 @@ class EventConsumer:
         it was consumed, through `apply`: what applies now commits with its inbox row; what
         fails again is dead-lettered again (a new `dead_letters` row and DLQ record). Run it
         once the cause is fixed; running it again finds nothing left, or what still fails.
-        Malformed records (no envelope, so no event) cannot be redriven and are not counted.
+        A record that was not an envelope is tried again too when the relay named its event
+        (log_position); one that was not from a relay cannot be redriven and is not counted.
         Safe beside the running consumer: it works on a copy bound to `pool` and `broker`."""
         bound = copy.copy(self)
         bound._pool, bound._broker = pool, broker
@@ -322,7 +379,8 @@ class EventConsumer:
                 topic=r["topic"], partition=r["partition"], offset=r["offset"], timestamp=-1,
                 timestamp_type=0, key=None, value=payloads[r["id"]], checksum=None,
                 serialized_key_size=-1, serialized_value_size=len(payloads[r["id"]]),
-                headers=(),
+                headers=LogPosition(r["event_id"], r["event_type"], r["source"],
+                                    r["sequence"]).headers(),
             ) for r in page], retake=("skipped", "dead_lettered"))
         ids = [r["event_id"] for r in rows]
         again = await pool.fetchval(
@@ -348,8 +406,8 @@ class EventConsumer:
             except Exception as exc:  # noqa: BLE001 - the handler's failure: retry, then DLQ
                 raise _HandlerFailed(env.id, env.type, exc) from exc
 
-    async def _dead_letter(self, conn, rec: ConsumerRecord, env: Envelope | None,
-                           reason: str) -> None:
+    async def _dead_letter(self, conn, rec: ConsumerRecord, event_id: str | None,
+                           event_type: str | None, reason: str) -> None:
         assert self._broker is not None
         headers = {
             "dlq_reason": reason[:1000],
@@ -362,8 +420,8 @@ class EventConsumer:
         await conn.execute(
             'INSERT INTO dead_letters (consumer, topic, partition, "offset", event_id, event_type,'
             " reason, payload) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
-            self.name, rec.topic, rec.partition, rec.offset, env.id if env else None,
-            env.type if env else None, reason, rec.value,
+            self.name, rec.topic, rec.partition, rec.offset, event_id, event_type, reason,
+            rec.value,
         )
         self._log.error("dead_lettered", topic=rec.topic, offset=rec.offset, reason=reason)
 

@@ -68,9 +68,9 @@ def encode_row(source: str, row) -> bytes:
 #: (The LIMIT is applied before the running sum: a window function over the whole backlog —
 #: the whole log while republishing — would read every row on every round.)
 _SELECT_UNPUBLISHED = """
-    SELECT seq, topic, key, type, version, trace_text, envelope FROM (
+    SELECT seq, id, topic, key, type, version, trace_text, envelope FROM (
         SELECT *, sum(size) OVER (ORDER BY seq) - size AS before FROM (
-            SELECT seq, topic, tenant_id || ':' || aggregate_id AS key, type, version,
+            SELECT seq, id, topic, tenant_id || ':' || aggregate_id AS key, type, version,
                    trace_context::text AS trace_text, envelope,
                    coalesce(pg_column_size(envelope), 0) AS size
               FROM event_log WHERE seq > $1 ORDER BY seq LIMIT $2
@@ -85,23 +85,27 @@ _TYPE_HEADERS: dict[tuple[str, int], list[tuple[str, bytes]]] = {}
 _TRACE_HEADERS: dict[str, list[tuple[str, bytes]]] = {}
 
 
-def record_headers(row) -> list[tuple[str, bytes]]:
-    """Kafka headers of a row of the relay's query: the event's type and version, and its
-    trace context (`traceparent`, …) when it has one."""
+def record_headers(row, source: bytes) -> list[tuple[str, bytes]]:
+    """Kafka headers of a row of the relay's query: the event's type and version, its place in
+    the log (`event_id`, `event_source`, `event_sequence`: a consumer that cannot read the
+    value still knows which event it dead-letters, so the source's progress has no hole;
+    consumer.log_position) and its trace context (`traceparent`, …) when it has one."""
     key = (row["type"], row["version"])
     base = _TYPE_HEADERS.get(key)
     if base is None:
         base = _TYPE_HEADERS[key] = [("event_type", key[0].encode()),
                                      ("event_version", str(key[1]).encode())]
+    headers = base + [("event_id", row["id"].encode()), ("event_source", source),
+                      ("event_sequence", b"%d" % row["seq"])]
     text = row["trace_text"]
     if not text:
-        return base
+        return headers
     trace = _TRACE_HEADERS.get(text)
     if trace is None:
         if len(_TRACE_HEADERS) > 10_000:
             _TRACE_HEADERS.clear()
         trace = _TRACE_HEADERS[text] = [(k, v.encode()) for k, v in orjson.loads(text).items()]
-    return base + trace
+    return headers + trace
 
 
 class OutboxRelay:
@@ -235,6 +239,7 @@ class OutboxRelay:
         bench/ceilings). Partitions follow Kafka's default partitioner (murmur2 of the key), so
         a key lands where any Kafka client would put it."""
         source = self._store.source
+        source_header = source.encode()
         legacy = [row["seq"] for row in rows if row["envelope"] is None]
         encoded: dict[int, bytes] = {}
         if legacy:
@@ -260,7 +265,7 @@ class OutboxRelay:
             count = 0
             for key, row in items:
                 value = row["envelope"] or encoded[row["seq"]]
-                headers = record_headers(row)
+                headers = record_headers(row, source_header)
                 if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
                     batch.close()
                     sends.append((topic, partition, count,

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from pydantic import field_validator
 
 from billstream_contracts import Envelope, EventData
 from billstream_runtime.ids import new_id
@@ -45,15 +46,38 @@ def envelope(
     )
 
 
+def relay_headers(env: Envelope) -> list[tuple[str, bytes]]:
+    """The headers a relay writes with this event, trace context aside
+    (billstream_messaging.relay.record_headers; test_backbone checks they agree)."""
+    return [("event_type", env.type.encode()), ("event_version", str(env.version).encode()),
+            ("event_id", env.id.encode()), ("event_source", env.source.encode()),
+            ("event_sequence", str(env.sequence).encode())]
+
+
+class AnyCaseEnvironmentEnvelope(Envelope):
+    """A later version's envelope, for tests of redrive: it reads an environment in any case,
+    which this version's refuses (a record this version cannot read, then a fix)."""
+
+    @field_validator("environment", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
 async def publish(bootstrap: str, topic: str, *envelopes: Envelope) -> None:
+    await publish_records(bootstrap, topic, *(
+        (env.key.encode(), env.model_dump_json().encode(), relay_headers(env))
+        for env in envelopes))
+
+
+async def publish_records(bootstrap: str, topic: str,
+                          *records: tuple[bytes | None, bytes, list[tuple[str, bytes]]]) -> None:
+    """(key, value, headers) records, in order, each acknowledged by the broker."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
-        for env in envelopes:
-            await producer.send_and_wait(
-                topic, env.model_dump_json().encode(), key=env.key.encode(),
-                headers=[("event_type", env.type.encode())],
-            )
+        for key, value, headers in records:
+            await producer.send_and_wait(topic, value, key=key, headers=headers)
     finally:
         await producer.stop()
 

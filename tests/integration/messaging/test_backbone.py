@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import asyncpg
 import httpx
@@ -17,6 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from billstream_messaging import EventConsumer, EventContext, NewEvent, ServiceHost
+from billstream_messaging import consumer as consumer_module
 from billstream_messaging.store import EventStore
 from billstream_runtime.auth import AuthContext, hash_key
 from billstream_runtime.http import SecretKey
@@ -24,7 +26,12 @@ from billstream_runtime.idempotency import hash_request
 from billstream_runtime.ids import new_id
 from billstream_runtime.settings import load_settings
 from billstream_runtime.telemetry import configure_tracing
-from billstream_testing.events import read_topic
+from billstream_testing.events import (
+    AnyCaseEnvironmentEnvelope,
+    publish_records,
+    read_topic,
+    relay_headers,
+)
 from billstream_testing.fixtures import service_env, unique
 from billstream_testing.waiting import eventually
 
@@ -319,6 +326,76 @@ async def test_redrive_applies_dead_lettered_events_again_once(host):
     ) == "skipped"
     with pytest.raises(SystemExit, match="unknown consumer"):
         await host.redrive("nope")
+
+
+async def test_a_record_that_is_not_an_envelope_keeps_its_place_in_its_source(
+        host, monkeypatch):
+    """A record the consumer cannot read as an envelope is dead-lettered. The relay names its
+    event in the headers, so the event takes its inbox row (`dead_lettered`) all the same:
+    the source's progress has no unexplained hole, a redelivery is a duplicate, and redrive
+    tries it again and applies it, once, when a fixed version can read it. A record without
+    those headers (not from a relay) is dead-lettered with no inbox row, as before."""
+    consumer = host.consumers[0]
+    topic = consumer.topics[0]
+    bootstrap = host.settings.kafka_bootstrap
+    async with host.pool.acquire() as conn, conn.transaction():
+        [env] = await host.store.append(conn, [NewEvent(
+            {"note_id": "mf0", "text": "fine"}, type="note.created", tenant_id="ten_mf",
+            environment="test", aggregate_type="note", aggregate_id="mf0",
+            occurred_at=datetime.now(UTC))])
+    [published] = await read_topic(bootstrap, topic, 1,
+                                   match=lambda r: orjson.loads(r.value)["id"] == env.id)
+    assert relay_headers(env) == list(published.headers)[:5]  # the test stand-in agrees
+
+    # As a relay would write it, but this version cannot read it (an upper-case environment).
+    bad = {**orjson.loads(published.value), "id": new_id("evt"), "sequence": 10_000,
+           "environment": "TEST", "data": {"note_id": "mf1", "text": "fine"}}
+    named = SimpleNamespace(**{k: bad[k] for k in ("id", "type", "version", "source",
+                                                   "sequence")})
+    record = (b"ten_mf:mf1", orjson.dumps(bad), relay_headers(named))
+    await publish_records(bootstrap, topic, record, (None, b"not an envelope", []))
+
+    async def dead_letter(where: str, *args):
+        return await host.pool.fetch(f"SELECT * FROM dead_letters WHERE {where} ORDER BY id",
+                                     *args)
+
+    await eventually(lambda: dead_letter("event_id = $1", bad["id"]),
+                     message="the unreadable event dead-lettered")
+    await eventually(lambda: dead_letter("payload = 'not an envelope'::bytea"),
+                     message="the record from elsewhere dead-lettered")
+    [row] = await dead_letter("event_id = $1", bad["id"])
+    assert row["event_type"] == "note.created" and "malformed envelope" in row["reason"]
+    inbox = await host.pool.fetchrow("SELECT * FROM inbox WHERE consumer = $1 AND event_id = $2",
+                                     consumer.name, bad["id"])
+    assert (inbox["status"], inbox["source"], inbox["sequence"]) == (
+        "dead_lettered", "notes", 10_000)
+    [elsewhere] = await dead_letter("payload = 'not an envelope'::bytea")
+    assert elsewhere["event_id"] is None
+
+    [redelivered] = await read_topic(bootstrap, topic, 1,
+                                     match=lambda r: r.value == record[1])
+    await consumer.apply([redelivered])  # a duplicate: no second dead letter
+    assert len(await dead_letter("event_id = $1", bad["id"])) == 1
+
+    async def tenant_count():
+        return await host.pool.fetchval(
+            "SELECT coalesce(sum(n), 0) FROM note_counts WHERE tenant_id = 'ten_mf'")
+
+    await eventually(lambda: _eq(tenant_count(), 1), message="the good note applied")
+    done = await host.redrive("counter")  # this version still cannot read it
+    assert (done.applied, done.dead_lettered_again) == (0, 1)
+    assert len(await dead_letter("event_id = $1", bad["id"])) == 2
+
+    monkeypatch.setattr(consumer_module, "Envelope", AnyCaseEnvironmentEnvelope)  # the fix, deployed
+    done = await host.redrive("counter")
+    assert (done.applied, done.dead_lettered_again) == (1, 0)
+    assert await tenant_count() == 2
+    assert await host.pool.fetchval(
+        "SELECT status FROM inbox WHERE consumer = $1 AND event_id = $2",
+        consumer.name, bad["id"]) == "applied"
+    assert (await host.redrive("counter")).applied == 0
+    await consumer.apply([redelivered])
+    assert await tenant_count() == 2
 
 
 async def count_note_healed(ctx: EventContext) -> None:

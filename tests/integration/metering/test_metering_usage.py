@@ -6,12 +6,19 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 
 from billstream_contracts.topics import USAGE_ACCEPTED
 from billstream_metering.bootstrap import build
 from billstream_runtime.ids import new_id
-from billstream_testing.events import envelope, publish
+from billstream_testing.events import (
+    AnyCaseEnvironmentEnvelope,
+    envelope,
+    publish,
+    publish_records,
+    relay_headers,
+)
 from billstream_testing.fixtures import unique
 from billstream_testing.waiting import eventually
 from metering_harness import (
@@ -394,6 +401,61 @@ async def test_a_dead_lettered_usage_event_holds_its_close_until_it_is_redriven(
     again = await metering.host.redrive("usage")  # nothing left
     assert (again.applied, again.dead_lettered_again) == (0, 0)
     await metering.wait_for_usage_rows(3)
+
+
+async def test_usage_metering_cannot_read_holds_the_closes_after_it(metering, monkeypatch):
+    """A usage record metering cannot read as an envelope (a producer bug, a version it does
+    not know yet) still takes its place in the source's progress: ingestion's relay names the
+    event in the record's headers. It used to leave a hole that stopped every close of the
+    source without a word on why. Now it is dead-lettered under its event id, the closes after it
+    wait (every tenant's: whose usage it is cannot be read) and the wait is logged; once a
+    version that reads it is deployed, `redrive usage` applies it and the close bills it."""
+    from billstream_messaging import consumer as consumer_module
+    from billstream_metering import service
+
+    await metering.create_meter("api_calls")
+    cus = await metering.create_customer("acme-mf")
+    consumer = next(c for c in metering.host.consumers if c.name.endswith(".usage"))
+    await metering.publish_usage(
+        usage("acme-mf", "api_calls", "2", JAN + timedelta(days=1), customer_id=cus))
+    unread = metering.log_envelope(
+        usage("acme-mf", "api_calls", "5", JAN + timedelta(days=2), customer_id=cus))
+    value = {**orjson.loads(unread.model_dump_json()), "environment": "TEST"}
+    await publish_records(metering.bootstrap, USAGE_ACCEPTED,
+                          (unread.key.encode(), orjson.dumps(value), relay_headers(unread)))
+    close = await metering.publish_close(period_ended(cus, "acme-mf", plan("api_calls"), JAN,
+                                                      FEB, subscription_id=new_id("sub")))
+    other = unique("ten")
+    sub = new_id("sub")
+    other_close = envelope(
+        closed(period_ended(new_id("cus"), None, plan(), JAN, FEB, subscription_id=sub)),
+        tenant_id=other, source=metering.source, aggregate_type="customer", aggregate_id=sub,
+        occurred_at=FEB, sequence=next(metering.sequence))
+    await metering.publish_log(other_close)
+    pool = metering.host.pool
+    await metering.wait_for("SELECT 1 FROM dead_letters WHERE consumer = $1 AND event_id = $2",
+                            consumer.name, unread.id)
+    for env in (close, other_close):
+        await metering.wait_for("SELECT 1 FROM inbox WHERE consumer = $1 AND event_id = $2",
+                                consumer.name, env.id)
+    await service.close_due_periods(pool, metering.host.store, consumer.name)
+    assert await pool.fetchval("SELECT seq FROM source_watermarks WHERE source = $1",
+                               metering.source) == other_close.sequence  # no hole
+    pending = await pool.fetch("SELECT event_id FROM pending_closes WHERE source = $1",
+                               metering.source)
+    assert {r["event_id"] for r in pending} == {close.id, other_close.id}
+    assert service._HELD[unread.id] == (unread.sequence, None, None)  # logged, once
+
+    monkeypatch.setattr(consumer_module, "Envelope", AnyCaseEnvironmentEnvelope)  # the fix, deployed
+    done = await metering.host.redrive("usage")
+    assert done.applied >= 1 and done.dead_lettered_again == 0
+    summarized = ("SELECT data FROM event_log WHERE tenant_id = $1 AND environment = 'test'"
+                  " AND type = 'usage.period_summarized'")
+    await metering.wait_for(summarized, other)
+    await metering.wait_for(summarized, metering.tenant_id)
+    summary = await pool.fetchval(summarized, metering.tenant_id)
+    assert summary["usage"] == [
+        {"charge_id": "ch_api_calls", "meter": "api_calls", "quantity": "7", "usage_count": 2}]
 
 
 async def test_a_close_waits_for_its_meters_to_be_known(metering):
