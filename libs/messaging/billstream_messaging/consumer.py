@@ -22,9 +22,10 @@ them when they come again).
 
 A record whose value is not an envelope is dead-lettered too. The relay names the event in
 the record's headers (`event_id`, `event_source`, `event_sequence`: `log_position`), so such a
-record still takes its inbox row (`dead_lettered`): the source's progress has no hole that
-nothing explains, a redelivery is a duplicate, and `redrive` retries it. A record without them
-(not written by a relay) is dead-lettered with no inbox row.
+record still takes its inbox row (`dead_lettered`; `skipped` if its `event_type` is one this
+consumer does not handle, as when readable): the source's progress has no hole that nothing
+explains, a redelivery is a duplicate, and `redrive` retries it. A record without them (not
+written by a relay), or whose headers do not fit, is dead-lettered with no inbox row.
 
 A dead-lettered event is not applied: per-source progress stops at it (metering holds the
 period closes after it). Once the cause is fixed, `redrive` applies the consumer's
@@ -87,21 +88,35 @@ class LogPosition:
                 *([("event_type", self.event_type.encode())] if self.event_type else [])]
 
 
+_POSITION_HEADERS = frozenset(("event_id", "event_source", "event_sequence", "event_type"))
+
+
 def log_position(rec: ConsumerRecord) -> LogPosition | None:
     """The event a record carries according to its headers; None without them (a record not
-    written by a relay) or when they do not make sense."""
-    headers = {}
+    written by a relay), when they do not make sense, or for a record with no value (a
+    tombstone: nothing a dead letter could keep, hold for or redrive). Never raises: it reads
+    records that could not be read otherwise."""
+    if rec.value is None:
+        return None
+    headers: dict[str, str] = {}
     for name, value in rec.headers or ():
-        if name in ("event_id", "event_source", "event_sequence", "event_type"):
-            try:
-                headers[name] = value.decode()
-            except (UnicodeDecodeError, AttributeError):
+        if name in _POSITION_HEADERS:
+            if type(value) is not bytes:
                 return None
+            try:
+                text = value.decode()
+            except UnicodeDecodeError:
+                return None
+            if not text or len(text) > 255 or "\x00" in text:
+                return None
+            headers[name] = text
     event_id, source, sequence = (headers.get("event_id"), headers.get("event_source"),
                                   headers.get("event_sequence"))
-    if not event_id or not source or not sequence or not sequence.isdigit():
+    if not event_id or not source or not sequence:
         return None
-    if len(event_id) > 255 or len(source) > 255 or int(sequence) < 1:
+    if not (sequence.isascii() and sequence.isdigit() and len(sequence) <= 19):
+        return None
+    if not 1 <= int(sequence) < 2**63:  # a bigint
         return None
     return LogPosition(event_id, headers.get("event_type"), source, int(sequence))
 
@@ -280,7 +295,26 @@ class EventConsumer:
         assert self._pool is not None
         outcomes: dict[str, int] = {}
         async with self._pool.acquire() as conn, conn.transaction():
+            readable = {env.id for _, env in parsed}
             for rec, position, reason in malformed:
+                if position is not None and position.event_id in readable:
+                    position = None  # headers that name another record's event: not its own
+                if (position is not None and position.event_type is not None
+                        and position.event_type not in self.handlers):
+                    # a type this consumer skips, readable or not (`unknown` below)
+                    await conn.execute(
+                        """
+                        INSERT INTO inbox (consumer, event_id, source, sequence, status)
+                        VALUES ($1, $2, $3, $4, 'skipped')
+                        ON CONFLICT (consumer, event_id) DO UPDATE
+                           SET status = 'skipped', processed_at = now()
+                         WHERE inbox.status = ANY($5::text[]) AND inbox.status <> 'skipped'
+                        """,
+                        self.name, position.event_id, position.source, position.sequence,
+                        list(retake),
+                    )
+                    outcomes["unknown_type"] = outcomes.get("unknown_type", 0) + 1
+                    continue
                 if position is not None and not await conn.fetchval(
                     """
                     INSERT INTO inbox (consumer, event_id, source, sequence, status)

@@ -13,10 +13,12 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+from aiokafka.structs import ConsumerRecord
 from fastapi import APIRouter, Request
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from billstream_contracts import Envelope
 from billstream_messaging import EventConsumer, EventContext, NewEvent, ServiceHost
 from billstream_messaging import consumer as consumer_module
 from billstream_messaging.store import EventStore
@@ -396,6 +398,50 @@ async def test_a_record_that_is_not_an_envelope_keeps_its_place_in_its_source(
     assert (await host.redrive("counter")).applied == 0
     await consumer.apply([redelivered])
     assert await tenant_count() == 2
+
+
+async def test_records_whose_headers_cannot_be_trusted_never_stop_the_consumer(host):
+    """Headers name an event only for what fits: a record whose headers do not fit the inbox
+    is dead-lettered without a row (it used to stop its partition for good); a record whose
+    headers name an event that a readable record of the same batch carries does not take
+    that event's place; an unreadable record of a type this consumer skips is skipped, as
+    its readable self would be."""
+    consumer = host.consumers[0]
+    note = envelope_of("tr1", "fine")
+    good = consumer_record(note.model_dump_json().encode(), relay_headers(note), offset=1)
+    bad_sequence = consumer_record(b"{", [*relay_headers(note)[:4],
+                                          ("event_sequence", b"99999999999999999999")], offset=2)
+    nul = consumer_record(b"{", [*relay_headers(note)[:2], ("event_id", b"evt\x00"),
+                                 *relay_headers(note)[3:]], offset=3)
+    liar = consumer_record(b"not this event", relay_headers(note), offset=0)  # names `note`
+    skipped = envelope_of("tr2", "fine", type="note.archived")
+    unreadable_skipped = consumer_record(b"{", relay_headers(skipped), offset=4)
+
+    await consumer.apply([liar, good, bad_sequence, nul, unreadable_skipped])
+
+    assert await host.pool.fetchval("SELECT status FROM inbox WHERE consumer = $1"
+                                    " AND event_id = $2", consumer.name, note.id) == "applied"
+    assert await host.pool.fetchval("SELECT status FROM inbox WHERE consumer = $1"
+                                    " AND event_id = $2", consumer.name, skipped.id) == "skipped"
+    dead = await host.pool.fetch(
+        "SELECT event_id, reason FROM dead_letters WHERE consumer = $1 AND \"offset\" < 5"
+        " AND topic = 't' ORDER BY \"offset\"", consumer.name)
+    assert [r["event_id"] for r in dead] == [None, None, None]  # liar, bad sequence, nul
+    assert await host.pool.fetchval(
+        "SELECT count(*) FROM inbox WHERE consumer = $1 AND sequence > 2^62", consumer.name) == 0
+
+
+def envelope_of(note_id: str, text: str, *, type: str = "note.created") -> Envelope:
+    from billstream_testing.events import envelope
+
+    return envelope({"note_id": note_id, "text": text}, type=type, tenant_id="ten_tr",
+                    source="notes", aggregate_type="note", aggregate_id=note_id)
+
+
+def consumer_record(value: bytes, headers, *, offset: int) -> ConsumerRecord:
+    return ConsumerRecord(topic="t", partition=0, offset=offset, timestamp=-1, timestamp_type=0,
+                          key=None, value=value, checksum=None, serialized_key_size=-1,
+                          serialized_value_size=len(value), headers=headers)
 
 
 async def count_note_healed(ctx: EventContext) -> None:
