@@ -25,7 +25,9 @@ the record's headers (`event_id`, `event_source`, `event_sequence`: `log_positio
 record still takes its inbox row (`dead_lettered`; `skipped` if its `event_type` is one this
 consumer does not handle, as when readable): the source's progress has no hole that nothing
 explains, a redelivery is a duplicate, and `redrive` retries it. A record without them (not
-written by a relay), or whose headers do not fit, is dead-lettered with no inbox row.
+written by a relay), or whose headers do not fit, is dead-lettered with no inbox row; so is a
+readable envelope whose id, source or sequence no inbox row could hold (`misfit`). No record
+stops its partition: only failures of the database or the broker are retried without end.
 
 A dead-lettered event is not applied: per-source progress stops at it (metering holds the
 period closes after it). Once the cause is fixed, `redrive` applies the consumer's
@@ -98,18 +100,10 @@ def log_position(rec: ConsumerRecord) -> LogPosition | None:
     records that could not be read otherwise."""
     if rec.value is None:
         return None
-    headers: dict[str, str] = {}
+    headers: dict[str, str | None] = {}
     for name, value in rec.headers or ():
         if name in _POSITION_HEADERS:
-            if type(value) is not bytes:
-                return None
-            try:
-                text = value.decode()
-            except UnicodeDecodeError:
-                return None
-            if not text or len(text) > 255 or "\x00" in text:
-                return None
-            headers[name] = text
+            headers[name] = _fitting_text(value)
     event_id, source, sequence = (headers.get("event_id"), headers.get("event_source"),
                                   headers.get("event_sequence"))
     if not event_id or not source or not sequence:
@@ -118,7 +112,32 @@ def log_position(rec: ConsumerRecord) -> LogPosition | None:
         return None
     if not 1 <= int(sequence) < 2**63:  # a bigint
         return None
+    # (the type only picks dead-lettered or skipped: an odd one costs the event nothing)
     return LogPosition(event_id, headers.get("event_type"), source, int(sequence))
+
+
+def _fitting_text(value: object) -> str | None:
+    """A header value as text that fits an inbox column, else None."""
+    if type(value) is not bytes:
+        return None
+    try:
+        text = value.decode()
+    except UnicodeDecodeError:
+        return None
+    return text if text and len(text) <= 255 and "\x00" not in text else None
+
+
+def misfit(env: Envelope) -> str | None:
+    """Why a readable envelope cannot be recorded (the inbox and `dead_letters` hold its id,
+    source, sequence and type: text without NUL, a bigint), or None. Only a producer other
+    than a relay could write one; it is dead-lettered as malformed rather than stop its
+    partition."""
+    if env.sequence >= 2**63:
+        return f"sequence {env.sequence} is past a bigint"
+    for field in ("id", "source", "type"):
+        if "\x00" in getattr(env, field):
+            return f"{field} holds a NUL character"
+    return None
 
 
 async def unapplied_dead_letters(conn: asyncpg.Connection | asyncpg.Pool, consumer: str,
@@ -266,9 +285,15 @@ class EventConsumer:
         malformed: list[tuple[ConsumerRecord, LogPosition | None, str]] = []
         for rec in records:
             try:
-                parsed.append((rec, Envelope.model_validate_json(rec.value)))
+                env = Envelope.model_validate_json(rec.value)
             except (ValidationError, ValueError, TypeError) as exc:
                 malformed.append((rec, log_position(rec), f"malformed envelope: {exc}"))
+                continue
+            why = misfit(env)
+            if why is None:
+                parsed.append((rec, env))
+            else:
+                malformed.append((rec, log_position(rec), f"malformed envelope: {why}"))
         attempts: dict[str, int] = {}
         poison: dict[str, str] = {}
         backoff = self._settings.consumer_retry_backoff_s
@@ -337,7 +362,7 @@ class EventConsumer:
             unknown = list({env.id: env for _, env in parsed
                             if env.type not in self.handlers}.values())
             if unknown:
-                outcomes["unknown_type"] = len(unknown)
+                outcomes["unknown_type"] = outcomes.get("unknown_type", 0) + len(unknown)
                 await conn.execute(
                     """
                     INSERT INTO inbox (consumer, event_id, source, sequence, status)
@@ -425,7 +450,8 @@ class EventConsumer:
 
     async def _apply_event(self, conn, rec: ConsumerRecord, env: Envelope) -> None:
         handler = self.handlers[env.type]
-        carrier = {k: v.decode("latin-1") for k, v in (rec.headers or ())}
+        carrier = {k: v.decode("latin-1") for k, v in (rec.headers or ())
+                   if type(k) is str and type(v) is bytes}  # (a header's value may be null)
         with self._tracer.start_as_current_span(
             f"consume {env.type}", context=context_from_carrier(carrier), kind=SpanKind.CONSUMER,
             attributes={"messaging.destination": rec.topic, "billstream.event_id": env.id,

@@ -402,10 +402,11 @@ async def test_a_record_that_is_not_an_envelope_keeps_its_place_in_its_source(
 
 async def test_records_whose_headers_cannot_be_trusted_never_stop_the_consumer(host):
     """Headers name an event only for what fits: a record whose headers do not fit the inbox
-    is dead-lettered without a row (it used to stop its partition for good); a record whose
-    headers name an event that a readable record of the same batch carries does not take
-    that event's place; an unreadable record of a type this consumer skips is skipped, as
-    its readable self would be."""
+    is dead-lettered without a row (it used to stop its partition for good), and so is a
+    readable envelope whose id, source or sequence cannot be recorded; a record whose headers
+    name an event that a readable record of the same batch carries does not take that
+    event's place; an unreadable record of a type this consumer skips is skipped, as its
+    readable self would be; a header with a null value stops nothing."""
     consumer = host.consumers[0]
     note = envelope_of("tr1", "fine")
     good = consumer_record(note.model_dump_json().encode(), relay_headers(note), offset=1)
@@ -416,17 +417,43 @@ async def test_records_whose_headers_cannot_be_trusted_never_stop_the_consumer(h
     liar = consumer_record(b"not this event", relay_headers(note), offset=0)  # names `note`
     skipped = envelope_of("tr2", "fine", type="note.archived")
     unreadable_skipped = consumer_record(b"{", relay_headers(skipped), offset=4)
+    readable_skipped = envelope_of("tr3", "fine", type="note.archived")
+    # readable, but its id, source or sequence cannot be recorded: malformed
+    huge = envelope_of("tr4", "fine").model_copy(update={"sequence": 2**63})
+    nul_id = envelope_of("tr5", "fine").model_copy(update={"id": "evt_\x00"})
+    # a header with a null value (Kafka allows one), on an event that is fine
+    null_header = envelope_of("tr6", "fine")
+    odd_type = envelope_of("tr7", "fine")  # unreadable; its type header is not text
+    counted = host.metrics.events_consumed.labels(consumer.name, "unknown_type")._value.get()
 
-    await consumer.apply([liar, good, bad_sequence, nul, unreadable_skipped])
+    await consumer.apply([
+        liar, good, bad_sequence, nul, unreadable_skipped,
+        consumer_record(readable_skipped.model_dump_json().encode(),
+                        relay_headers(readable_skipped), offset=5),
+        consumer_record(huge.model_dump_json().encode(), [], offset=6),
+        consumer_record(nul_id.model_dump_json().encode(), [], offset=7),
+        consumer_record(null_header.model_dump_json().encode(),
+                        [*relay_headers(null_header), ("tracestate", None)], offset=8),
+        consumer_record(b"{", [("event_type", b"\xff"), *relay_headers(odd_type)[1:]],
+                        offset=9),
+    ])
 
-    assert await host.pool.fetchval("SELECT status FROM inbox WHERE consumer = $1"
-                                    " AND event_id = $2", consumer.name, note.id) == "applied"
-    assert await host.pool.fetchval("SELECT status FROM inbox WHERE consumer = $1"
-                                    " AND event_id = $2", consumer.name, skipped.id) == "skipped"
+    async def status(event_id: str) -> str | None:
+        return await host.pool.fetchval("SELECT status FROM inbox WHERE consumer = $1"
+                                        " AND event_id = $2", consumer.name, event_id)
+
+    assert await status(note.id) == "applied"
+    assert await status(null_header.id) == "applied"
+    assert await status(skipped.id) == await status(readable_skipped.id) == "skipped"
+    assert host.metrics.events_consumed.labels(
+        consumer.name, "unknown_type")._value.get() == counted + 2
+    assert await status(odd_type.id) == "dead_lettered"  # its place kept, its type unknown
     dead = await host.pool.fetch(
-        "SELECT event_id, reason FROM dead_letters WHERE consumer = $1 AND \"offset\" < 5"
-        " AND topic = 't' ORDER BY \"offset\"", consumer.name)
-    assert [r["event_id"] for r in dead] == [None, None, None]  # liar, bad sequence, nul
+        "SELECT event_id, reason FROM dead_letters WHERE consumer = $1 AND topic = 't'"
+        " ORDER BY \"offset\"", consumer.name)
+    # liar, bad sequence, nul header, huge sequence, nul id, odd type
+    assert [r["event_id"] for r in dead] == [None, None, None, None, None, odd_type.id]
+    assert "past a bigint" in dead[3]["reason"] and "NUL" in dead[4]["reason"]
     assert await host.pool.fetchval(
         "SELECT count(*) FROM inbox WHERE consumer = $1 AND sequence > 2^62", consumer.name) == 0
 
