@@ -26,8 +26,8 @@ record still takes its inbox row (`dead_lettered`; `skipped` if its `event_type`
 consumer does not handle, as when readable): the source's progress has no hole that nothing
 explains, a redelivery is a duplicate, and `redrive` retries it. A record without them (not
 written by a relay), or whose headers do not fit, is dead-lettered with no inbox row; so is a
-readable envelope whose id, source or sequence no inbox row could hold (`misfit`). No record
-stops its partition: only failures of the database or the broker are retried without end.
+readable envelope whose id, source or sequence no inbox row could hold (`misfit`), rather
+than stop its partition.
 
 A dead-lettered event is not applied: per-source progress stops at it (metering holds the
 period closes after it). Once the cause is fixed, `redrive` applies the consumer's
