@@ -194,12 +194,18 @@ class RawInput:
         decoded = [raw_records.decode(rec.value, rec.headers, settings.raw_max_record_bytes)
                    for rec in records]
         outcomes: dict[int, Outcome] = {}
-        scopes = await self._authenticate({d.api_key for d in decoded if d.error is None})
+        # every key that came, records that do not decode included: their reports name the
+        # tenant too, so that a producer reading the topic for its own tenant sees them
+        scopes = await self._authenticate({d.api_key for d in decoded if d.api_key})
         groups: dict[service.Scope, tuple[list[int], list]] = {}
+        undecoded: dict[int, service.Scope] = {}
         for index, d in enumerate(decoded):
             if d.error is not None:
                 outcomes[index] = rejected(index, d.idempotency_key, d.error.code,
                                            d.error.message, d.error.param)
+                known = scopes.get(d.api_key or "")
+                if isinstance(known, service.Scope):
+                    undecoded[index] = known
                 continue
             scope = scopes.get(d.api_key or "")
             if not isinstance(scope, service.Scope):
@@ -234,14 +240,16 @@ class RawInput:
                 if outcome.code == "unknown_meter":
                     self._unknown_meter_at[(scope, raw_at[outcome.index].get("meter"))] = now
             prepared.append(batch)
-        return Staged(records, decoded, outcomes, groups, prepared)
+        return Staged(records, decoded, outcomes, groups, prepared, undecoded)
 
     async def finish(self, staged: Staged, producer: AIOKafkaProducer) -> None:
         """The writing half of a poll: one transaction, then the reports."""
         outcomes = staged.outcomes
         for outcome in await self._write(staged.prepared):
             outcomes[outcome.index] = outcome
-        await self._report(staged.records, staged.decoded, outcomes, staged.groups, producer)
+        tenant_of = {index: scope for scope, (indices, _) in staged.groups.items()
+                     for index in indices} | staged.undecoded
+        await self._report(staged.records, staged.decoded, outcomes, tenant_of, producer)
         counts = Counter(o.status for o in outcomes.values())
         counter = self.host.metrics.custom.get("usage_events")
         if counter is not None:
@@ -263,8 +271,7 @@ class RawInput:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _report(self, records, decoded, outcomes, groups, producer) -> None:
-        tenant_of = {index: scope for scope, (indices, _) in groups.items() for index in indices}
+    async def _report(self, records, decoded, outcomes, tenant_of, producer) -> None:
         now = datetime.now(UTC)
         futures = []
         for index, outcome in outcomes.items():
@@ -352,6 +359,7 @@ class Staged:
     outcomes: dict[int, Outcome]  # decided so far (by index in `records`)
     groups: dict[service.Scope, tuple[list[int], list]]
     prepared: list[service.Prepared]
+    undecoded: dict[int, service.Scope]  # the scope of records that did not decode, if known
 
 
 def _rewind(consumer: AIOKafkaConsumer, polled: dict) -> None:

@@ -49,6 +49,17 @@ def test_binary_data_that_is_not_json_is_refused_for_its_content_type_not_as_bad
     assert bad_json.error.code == "invalid_json"
 
 
+def test_a_binary_event_whose_value_cannot_be_read_is_reported_with_its_composed_key():
+    """Its key is in its headers: the report names it whatever the value holds."""
+    for value, code in ((b'{"quantity":', "invalid_json"), (b"\xff", "invalid_json"),
+                        (b"1" * (CAP + 1), "event_too_large")):
+        decoded = raw_records.decode(value, _binary(b"x7"), CAP)
+        assert (decoded.error.code, decoded.idempotency_key) == (code, "//s x7")
+        assert decoded.cloudevent
+    native = raw_records.decode(b'{"quantity":', [AUTH], CAP)  # no key to give
+    assert (native.error.code, native.idempotency_key) == ("invalid_json", None)
+
+
 def test_an_api_key_header_that_is_not_utf8_is_said_to_be_so():
     decoded = raw_records.decode(b"{}", [(raw_records.API_KEY_HEADER, b"\xff")], CAP)
     assert (decoded.error.code, decoded.error.param) == ("invalid_api_key",
