@@ -174,6 +174,14 @@ def is_kafka_binary(headers: Sequence[tuple[str, bytes | None]]) -> bool:
     return any(_text_name(name) == f"{_KAFKA_PREFIX}specversion" for name, _value in headers)
 
 
+def looks_like_kafka_binary(headers: Sequence[tuple[str, bytes | None]]) -> bool:
+    """Whether a record that is not in binary mode carries CloudEvents attribute headers
+    (`ce_id`, `ce_source`, …, or HTTP's `ce-` names): a binary CloudEvent missing its
+    `ce_specversion`, most likely."""
+    return any(_text_name(name).lower().startswith((_KAFKA_PREFIX, "ce-"))
+               for name, _value in headers)
+
+
 def kafka_data_is_json(headers: Sequence[tuple[str, bytes | None]]) -> bool:
     """Whether a binary-mode record's `content-type` (its datacontenttype) is JSON, or
     absent (JSON is assumed; a null header is no content type, as `from_kafka_binary` has

@@ -71,3 +71,19 @@ def test_a_null_content_type_header_is_no_content_type():
     decoded = raw_records.decode(b'{"quantity": 5}', _binary(b"x7", ("content-type", None)),
                                  CAP)
     assert decoded.error is None and decoded.raw["quantity"] == 5
+
+
+def test_a_binary_event_without_ce_specversion_is_told_so():
+    """Without `ce_specversion` a record is read as a native event; one that carries other
+    CloudEvents headers and no idempotency_key was meant as a binary CloudEvent, and the
+    report says what is missing instead of `idempotency_key is required`."""
+    attributes = [h for h in _binary(b"x8") if h[0] != "ce_specversion"]
+    for headers in (attributes, [AUTH, ("CE_ID", b"x8"), ("CE_SOURCE", b"//s")],
+                    [AUTH, ("ce-id", b"x8")]):
+        decoded = raw_records.decode(b'{"quantity": 2}', headers, CAP)
+        assert (decoded.error.code, decoded.error.param) == ("invalid_event", "ce_specversion")
+        assert "ce_specversion" in decoded.error.message
+    # a native event that happens to carry such headers is still a native event
+    native = orjson.dumps({"idempotency_key": "k", "customer": "c", "meter": "m"})
+    assert raw_records.decode(native, attributes, CAP).error is None
+    assert raw_records.decode(b'{"quantity": 2}', [AUTH], CAP).error is None  # (prepare's)
