@@ -132,11 +132,23 @@ def _events_of(request: Request, body: bytes, max_events: int
             raise ApiError(err.code, err.message, param=err.param, status=err.status) from err
         return _mapped([(partial(cloudevents.from_structured, ce),
                          partial(cloudevents.composed_key, ce)) for ce in batch])
+    parsed = _parse_json(body)
+    if (isinstance(parsed, dict) and "idempotency_key" not in parsed and "events" not in parsed
+            and any(name.lower().startswith("ce-") for name in request.headers)):
+        # meant as a binary CloudEvent, not a native event without its key: say what is missing
+        return _mapped([(_no_specversion, lambda: None)])
     try:
-        raw_events = domain.split_body(_parse_json(body), max_events)
+        raw_events = domain.split_body(parsed, max_events)
     except domain.BodyError as err:
         raise ApiError(err.code, err.message, param=err.param, status=err.status) from err
     return raw_events, set(), []
+
+
+def _no_specversion() -> dict[str, Any]:
+    raise domain.EventError(
+        "invalid_event", "The request has ce-* headers but no ce-specversion header, which a "
+        "CloudEvent in binary mode needs (without it the body is read as a native event, and "
+        "has no idempotency_key)", "ce-specversion")
 
 
 def _mapped(events: list[tuple[Callable[[], dict[str, Any]], Callable[[], str | None]]]

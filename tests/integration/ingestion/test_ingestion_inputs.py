@@ -88,6 +88,24 @@ async def test_binary_cloudevent(ingestion: Ingestion):
     assert events["//acme/billing bin-2"]["quantity"] == "1"
 
 
+async def test_a_binary_cloudevent_without_ce_specversion_is_told_so(ingestion: Ingestion):
+    """Without `ce-specversion` the body is read as a native event; with other ce-* headers
+    and no idempotency_key in it, the answer says what is missing instead of
+    `idempotency_key is required`. A native event that carries such headers is still one."""
+    await ingestion.create_meter("api_calls")
+    headers = {"ce-id": "nv-1", "ce-source": "//acme/billing", "ce-type": "api_calls",
+               "ce-subject": "acme-7", "Content-Type": "application/json"}
+    async with ingestion.client() as c:
+        r = await c.post("/v1/usage/events", content=b'{"quantity": 2}', headers=headers)
+        native = await c.post("/v1/usage/events", headers=headers, json={
+            "idempotency_key": "nv-2", "customer": "acme-7", "meter": "api_calls",
+            "timestamp": RECENT})
+    [result] = r.json()["results"]
+    assert (result["status"], result["code"], result["param"]) == (
+        "rejected", "invalid_event", "ce-specversion"), r.text
+    assert native.json()["results"][0]["status"] == "accepted", native.text
+
+
 async def test_a_structured_content_type_wins_over_ce_headers(ingestion: Ingestion):
     """As on the Kafka input: `Content-Type: application/cloudevents+json` is structured mode
     even when ce-* headers come along (a proxy may add them); the body is the event."""
