@@ -176,10 +176,11 @@ def is_kafka_binary(headers: Sequence[tuple[str, bytes | None]]) -> bool:
 
 def looks_like_kafka_binary(headers: Sequence[tuple[str, bytes | None]]) -> bool:
     """Whether a record that is not in binary mode carries CloudEvents attribute headers
-    (`ce_id`, `ce_source`, …, or HTTP's `ce-` names): a binary CloudEvent missing its
-    `ce_specversion`, most likely."""
-    return any(_text_name(name).lower().startswith((_KAFKA_PREFIX, "ce-"))
-               for name, _value in headers)
+    (`ce_id`, `ce_source`, …, or HTTP's `ce-` names) but none that is `ce_specversion` in any
+    case: a binary CloudEvent missing its `ce_specversion`, most likely."""
+    names = [_text_name(name).lower() for name, _value in headers]
+    return (any(name.startswith((_KAFKA_PREFIX, "ce-")) for name in names)
+            and not any(name in ("ce_specversion", "ce-specversion") for name in names))
 
 
 def kafka_data_is_json(headers: Sequence[tuple[str, bytes | None]]) -> bool:

@@ -134,9 +134,11 @@ def _events_of(request: Request, body: bytes, max_events: int
                          partial(cloudevents.composed_key, ce)) for ce in batch])
     parsed = _parse_json(body)
     if (isinstance(parsed, dict) and "idempotency_key" not in parsed and "events" not in parsed
+            and "ce-specversion" not in request.headers
             and any(name.lower().startswith("ce-") for name in request.headers)):
         # meant as a binary CloudEvent, not a native event without its key: say what is missing
-        return _mapped([(_no_specversion, lambda: None)])
+        return _mapped([(_no_specversion,
+                         partial(cloudevents.http_binary_key, request.headers))])
     try:
         raw_events = domain.split_body(parsed, max_events)
     except domain.BodyError as err:

@@ -196,7 +196,8 @@ class RawInput:
         outcomes: dict[int, Outcome] = {}
         # every key that came, records that do not decode included: their reports name the
         # tenant too, so that a producer reading the topic for its own tenant sees them
-        scopes = await self._authenticate({d.api_key for d in decoded if d.api_key})
+        scopes = await self._authenticate({d.api_key for d in decoded
+                                           if d.api_key is not None})
         groups: dict[service.Scope, tuple[list[int], list]] = {}
         undecoded: dict[int, service.Scope] = {}
         for index, d in enumerate(decoded):
@@ -318,7 +319,8 @@ class RawInput:
                                            "Usage is sent with a secret key (sk_...)")
                 else:
                     result[key] = service.Scope(ctx.tenant_id, ctx.environment)
-            return all(isinstance(v, service.Scope) for v in result.values())
+            # (keys refused a moment ago are not waited for: they are not pending)
+            return all(isinstance(result.get(key), service.Scope) for key in pending)
 
         if not await resolve():
             await wait_for(resolve, self.settings.projection_wait_s)

@@ -85,18 +85,19 @@ def decode(value: bytes | None, headers: Any, max_bytes: int) -> Decoded:
         return Decoded(api_key, error=EventError("invalid_event", "The record has no value",
                                                  None))
     # a binary CloudEvent's key is in its headers: reported with it whatever its value holds
-    binary_key = cloudevents.kafka_binary_key(headers) if binary else None
     if len(value) > max_bytes:
         return Decoded(api_key, error=EventError(
             "event_too_large", f"The record value is {len(value)} bytes; at most {max_bytes} "
-            "are allowed for one usage event", None), idempotency_key=binary_key,
+            "are allowed for one usage event", None),
+            idempotency_key=cloudevents.kafka_binary_key(headers) if binary else None,
             cloudevent=binary)
     try:
         parsed = domain.loads(value)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         return Decoded(api_key, error=EventError(
             "invalid_json", f"The record value is not valid UTF-8 JSON: {exc}", None),
-            idempotency_key=binary_key, cloudevent=binary)
+            idempotency_key=cloudevents.kafka_binary_key(headers) if binary else None,
+            cloudevent=binary)
     try:
         if binary:
             return Decoded(api_key, cloudevents.from_kafka_binary(headers, parsed),
@@ -104,7 +105,8 @@ def decode(value: bytes | None, headers: Any, max_bytes: int) -> Decoded:
         if cloudevents.is_structured_json(parsed):
             return Decoded(api_key, cloudevents.from_structured(parsed), cloudevent=True)
     except EventError as err:  # reported with the composed key when there is one
-        key = binary_key if binary else cloudevents.composed_key(parsed)
+        key = (cloudevents.kafka_binary_key(headers) if binary
+               else cloudevents.composed_key(parsed))
         return Decoded(api_key, error=err, idempotency_key=key, cloudevent=True)
     if not isinstance(parsed, dict):
         return Decoded(api_key, error=EventError(
@@ -115,7 +117,7 @@ def decode(value: bytes | None, headers: Any, max_bytes: int) -> Decoded:
             "invalid_event", "The record has ce_* headers but no ce_specversion header, "
             "which a CloudEvent in binary mode needs (without it the record is read as a "
             "native event, and has no idempotency_key)", "ce_specversion"),
-            cloudevent=True)
+            idempotency_key=cloudevents.kafka_binary_key(headers), cloudevent=True)
     return Decoded(api_key, parsed)
 
 

@@ -100,10 +100,16 @@ async def test_a_binary_cloudevent_without_ce_specversion_is_told_so(ingestion: 
         native = await c.post("/v1/usage/events", headers=headers, json={
             "idempotency_key": "nv-2", "customer": "acme-7", "meter": "api_calls",
             "timestamp": RECENT})
+        other_format = await c.post("/v1/usage/events", content=b'{"quantity": 2}', headers={
+            **headers, "ce-specversion": "1.0",
+            "Content-Type": "application/cloudevents+xml"})
     [result] = r.json()["results"]
     assert (result["status"], result["code"], result["param"]) == (
         "rejected", "invalid_event", "ce-specversion"), r.text
+    assert result["idempotency_key"] == "//acme/billing nv-1"
     assert native.json()["results"][0]["status"] == "accepted", native.text
+    # it has a ce-specversion: whatever is wrong, not told it has none
+    assert other_format.json()["results"][0]["param"] != "ce-specversion", other_format.text
 
 
 async def test_a_structured_content_type_wins_over_ce_headers(ingestion: Ingestion):

@@ -83,6 +83,13 @@ def test_a_binary_event_without_ce_specversion_is_told_so():
         decoded = raw_records.decode(b'{"quantity": 2}', headers, CAP)
         assert (decoded.error.code, decoded.error.param) == ("invalid_event", "ce_specversion")
         assert "ce_specversion" in decoded.error.message
+    # reported with its composed key, as any binary CloudEvent refused
+    assert raw_records.decode(b"{}", attributes, CAP).idempotency_key == "//s x8"
+    # it has a ce_specversion (structured mode by its content type; upper case): not told
+    # it has none
+    for headers in (_binary(b"x9", ("content-type", b"application/cloudevents+json")),
+                    [AUTH, ("CE_SPECVERSION", b"1.0"), ("CE_ID", b"x9")]):
+        assert raw_records.decode(b'{"quantity": 2}', headers, CAP).error is None
     # a native event that happens to carry such headers is still a native event
     native = orjson.dumps({"idempotency_key": "k", "customer": "c", "meter": "m"})
     assert raw_records.decode(native, attributes, CAP).error is None
