@@ -458,6 +458,29 @@ async def test_records_whose_headers_cannot_be_trusted_never_stop_the_consumer(h
         "SELECT count(*) FROM inbox WHERE consumer = $1 AND sequence > 2^62", consumer.name) == 0
 
 
+async def test_a_record_too_large_to_copy_to_the_dlq_is_dead_lettered_all_the_same(host):
+    """A record the consumer dead-letters is copied to billstream.dlq with the reason in
+    headers. One close to the producer's size limit no longer fits with them: it used to be
+    retried as a broker error for good, holding its partition. Now the DLQ gets the headers
+    and says the value was left out; `dead_letters` keeps the value, for redrive."""
+    consumer = host.consumers[0]
+    topic = unique("big")
+    note = envelope_of("big1", "poison").model_copy(update={"data": {
+        "note_id": "big1", "text": "poison", "padding": "x" * (1024 * 1024 - 600)}})
+    value = note.model_dump_json().encode()
+    record = ConsumerRecord(topic=topic, partition=0, offset=0, timestamp=-1, timestamp_type=0,
+                            key=b"k" * 500, value=value, checksum=None, serialized_key_size=500,
+                            serialized_value_size=len(value), headers=relay_headers(note))
+    await asyncio.wait_for(consumer.apply([record]), timeout=60)
+    row = await host.pool.fetchrow("SELECT * FROM dead_letters WHERE topic = $1", topic)
+    assert row["event_id"] == note.id and row["payload"] == value
+    [dlq] = await read_topic(host.settings.kafka_bootstrap, "billstream.dlq", 1,
+                             match=lambda r: dict(r.headers).get("dlq_topic") == topic.encode())
+    headers = dict(dlq.headers)
+    assert headers["dlq_value_omitted"] == str(len(value)).encode() and dlq.value == b""
+    assert b"never be applied" in headers["dlq_reason"]
+
+
 def envelope_of(note_id: str, text: str, *, type: str = "note.created") -> Envelope:
     from billstream_testing.events import envelope
 
