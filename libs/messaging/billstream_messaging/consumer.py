@@ -321,24 +321,15 @@ class EventConsumer:
         outcomes: dict[str, int] = {}
         async with self._pool.acquire() as conn, conn.transaction():
             readable = {env.id for _, env in parsed}
+            # events of types this consumer has no handler for, readable or not: skipped
+            skipped = {env.id: (env.source, env.sequence) for _, env in parsed
+                       if env.type not in self.handlers}
             for rec, position, reason in malformed:
                 if position is not None and position.event_id in readable:
                     position = None  # headers that name another record's event: not its own
                 if (position is not None and position.event_type is not None
                         and position.event_type not in self.handlers):
-                    # a type this consumer skips, readable or not (`unknown` below)
-                    await conn.execute(
-                        """
-                        INSERT INTO inbox (consumer, event_id, source, sequence, status)
-                        VALUES ($1, $2, $3, $4, 'skipped')
-                        ON CONFLICT (consumer, event_id) DO UPDATE
-                           SET status = 'skipped', processed_at = now()
-                         WHERE inbox.status = ANY($5::text[]) AND inbox.status <> 'skipped'
-                        """,
-                        self.name, position.event_id, position.source, position.sequence,
-                        list(retake),
-                    )
-                    outcomes["unknown_type"] = outcomes.get("unknown_type", 0) + 1
+                    skipped[position.event_id] = (position.source, position.sequence)
                     continue
                 if position is not None and not await conn.fetchval(
                     """
@@ -359,10 +350,8 @@ class EventConsumer:
                 await self._dead_letter(conn, rec, event_id, event_type, reason)
                 outcomes["dead_lettered"] = outcomes.get("dead_lettered", 0) + 1
             handled = [(rec, env) for rec, env in parsed if env.type in self.handlers]
-            unknown = list({env.id: env for _, env in parsed
-                            if env.type not in self.handlers}.values())
-            if unknown:
-                outcomes["unknown_type"] = outcomes.get("unknown_type", 0) + len(unknown)
+            if skipped:
+                outcomes["unknown_type"] = len(skipped)
                 await conn.execute(
                     """
                     INSERT INTO inbox (consumer, event_id, source, sequence, status)
@@ -372,8 +361,8 @@ class EventConsumer:
                        SET status = 'skipped', processed_at = now()
                      WHERE inbox.status = ANY($5::text[]) AND inbox.status <> 'skipped'
                     """,
-                    self.name, [e.id for e in unknown], [e.source for e in unknown],
-                    [e.sequence for e in unknown], list(retake),
+                    self.name, list(skipped), [src for src, _ in skipped.values()],
+                    [seq for _, seq in skipped.values()], list(retake),
                 )
             new_ids: set[str] = set()
             if handled:

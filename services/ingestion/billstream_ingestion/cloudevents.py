@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -174,13 +174,22 @@ def is_kafka_binary(headers: Sequence[tuple[str, bytes | None]]) -> bool:
     return any(_text_name(name) == f"{_KAFKA_PREFIX}specversion" for name, _value in headers)
 
 
-def looks_like_kafka_binary(headers: Sequence[tuple[str, bytes | None]]) -> bool:
-    """Whether a record that is not in binary mode carries CloudEvents attribute headers
-    (`ce_id`, `ce_source`, …, or HTTP's `ce-` names) but none that is `ce_specversion` in any
-    case: a binary CloudEvent missing its `ce_specversion`, most likely."""
-    names = [_text_name(name).lower() for name, _value in headers]
-    return (any(name.startswith((_KAFKA_PREFIX, "ce-")) for name in names)
+def lacks_specversion(header_names: Iterable[str | bytes]) -> bool:
+    """Whether a request or record that is not in binary mode carries CloudEvents attribute
+    headers (`ce-id`, `ce_source`, … in any case) but no `ce-specversion`/`ce_specversion`:
+    a binary CloudEvent missing it, most likely (see `specversion_missing`)."""
+    names = [_text_name(name).lower() for name in header_names]
+    return (any(name.startswith((_KAFKA_PREFIX, _HTTP_PREFIX)) for name in names)
             and not any(name in ("ce_specversion", "ce-specversion") for name in names))
+
+
+def specversion_missing(header: str) -> EventError:
+    """The rejection of an event with no idempotency key that `lacks_specversion`: what is
+    missing is the header that makes it binary mode, not the key."""
+    return EventError(
+        "invalid_event", f"There are {header[:3]}* headers but no {header} header, which a "
+        "CloudEvent in binary mode needs (without it the event is read as a native event, and "
+        "has no idempotency_key)", header)
 
 
 def kafka_data_is_json(headers: Sequence[tuple[str, bytes | None]]) -> bool:

@@ -134,9 +134,7 @@ def _events_of(request: Request, body: bytes, max_events: int
                          partial(cloudevents.composed_key, ce)) for ce in batch])
     parsed = _parse_json(body)
     if (isinstance(parsed, dict) and "idempotency_key" not in parsed and "events" not in parsed
-            and "ce-specversion" not in request.headers
-            and any(name.lower().startswith("ce-") for name in request.headers)):
-        # meant as a binary CloudEvent, not a native event without its key: say what is missing
+            and cloudevents.lacks_specversion(request.headers.keys())):
         return _mapped([(_no_specversion,
                          partial(cloudevents.http_binary_key, request.headers))])
     try:
@@ -147,10 +145,7 @@ def _events_of(request: Request, body: bytes, max_events: int
 
 
 def _no_specversion() -> dict[str, Any]:
-    raise domain.EventError(
-        "invalid_event", "The request has ce-* headers but no ce-specversion header, which a "
-        "CloudEvent in binary mode needs (without it the body is read as a native event, and "
-        "has no idempotency_key)", "ce-specversion")
+    raise cloudevents.specversion_missing("ce-specversion")
 
 
 def _mapped(events: list[tuple[Callable[[], dict[str, Any]], Callable[[], str | None]]]

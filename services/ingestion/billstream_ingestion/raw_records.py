@@ -111,13 +111,10 @@ def decode(value: bytes | None, headers: Any, max_bytes: int) -> Decoded:
     if not isinstance(parsed, dict):
         return Decoded(api_key, error=EventError(
             "invalid_event", "The record value must be one usage event (a JSON object)", None))
-    if "idempotency_key" not in parsed and cloudevents.looks_like_kafka_binary(headers):
-        # meant as a binary CloudEvent, not a native event without its key: say what is missing
-        return Decoded(api_key, error=EventError(
-            "invalid_event", "The record has ce_* headers but no ce_specversion header, "
-            "which a CloudEvent in binary mode needs (without it the record is read as a "
-            "native event, and has no idempotency_key)", "ce_specversion"),
-            idempotency_key=cloudevents.kafka_binary_key(headers), cloudevent=True)
+    if "idempotency_key" not in parsed and cloudevents.lacks_specversion(
+            name for name, _value in headers):
+        return Decoded(api_key, error=cloudevents.specversion_missing("ce_specversion"),
+                       idempotency_key=cloudevents.kafka_binary_key(headers), cloudevent=True)
     return Decoded(api_key, parsed)
 
 
