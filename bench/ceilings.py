@@ -3,12 +3,14 @@ consume rates with the same client library the services use (aiokafka: per-messa
 its batch API), and PostgreSQL bulk insert rates (COPY and batched INSERT) for usage-sized rows.
 The consumer reads both produced sets (2 × BENCH_CEILING_MESSAGES).
 
-Also what a database's collation costs the dedup key insert: COPY of rows shaped like
-ingestion's `usage_keys` (primary key on tenant, environment and idempotency key), into a table
-whose key columns compare as bytes (COLLATE "C", what Billstream creates its databases with) and
-into one under a linguistic collation (en_US.utf8 where the server has it, else C.UTF-8; most
-clusters default to one of these), BENCH_CEILING_KEY_ROWS twice each (C, other, other,
-C), PostgreSQL's CPU per row where the server runs on this machine."""
+Also what the dedup key insert costs: COPY of rows shaped like ingestion's `usage_keys`
+(primary key on idempotency key, tenant and environment, in that order), into a table whose key
+columns compare as bytes (COLLATE "C", what Billstream creates its databases with), into one
+under a linguistic collation (en_US.utf8 where the server has it, else C.UTF-8; most clusters
+default to one of these), and into one whose primary key leads with tenant and environment
+(ingestion's before migration 0006), BENCH_CEILING_KEY_ROWS twice each (C, tenant first,
+other, other, tenant first, C), PostgreSQL's CPU per row where the server runs on this
+machine."""
 
 from __future__ import annotations
 
@@ -148,22 +150,27 @@ async def postgres_key_copy_by_collation(dsn: str) -> dict:
               "evt_01JBENCH0000000000000000", "bench-cust-0001", now)
              for n, key in enumerate(sorted(keys[i:i + 5000]), start=i)]
             for i in range(0, N_KEY_ROWS, 5000)]
-        figures: dict[str, list[tuple[float, float]]] = {"C": [], linguistic: []}
-        # C, other, other, C: a warm-up or a slow turn of the machine weighs on both alike
-        for collation in ("C", linguistic, linguistic, "C"):
+        key_first = "idempotency_key, tenant_id, environment"
+        tenant_first = "tenant_id, environment, idempotency_key"
+        variants = {"C": ("C", key_first), linguistic: (linguistic, key_first),
+                    "tenant_first": ("C", tenant_first)}
+        figures: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+        # a warm-up or a slow turn of the machine weighs on every variant alike
+        for name in ("C", "tenant_first", linguistic, linguistic, "tenant_first", "C"):
+            collation, primary_key = variants[name]
             await conn.execute(
                 "DROP TABLE IF EXISTS bench_keys; CREATE TABLE bench_keys ("
                 f' tenant_id text COLLATE "{collation}", environment text COLLATE'
                 f' "{collation}", idempotency_key text COLLATE "{collation}",'
                 " payload_hash text, usage_id text, event_id text, customer text,"
                 " event_time timestamptz, created_at timestamptz DEFAULT now(),"
-                " PRIMARY KEY (tenant_id, environment, idempotency_key))")
+                f" PRIMARY KEY ({primary_key}))")
             cpu0, started = _cpu(backend), time.perf_counter()
             for batch in batches:
                 await conn.copy_records_to_table("bench_keys", columns=(
                     "tenant_id", "environment", "idempotency_key", "payload_hash",
                     "usage_id", "event_id", "customer", "event_time"), records=batch)
-            figures[collation].append((time.perf_counter() - started, _cpu(backend) - cpu0))
+            figures[name].append((time.perf_counter() - started, _cpu(backend) - cpu0))
         await conn.execute("DROP TABLE bench_keys")
     finally:
         await conn.close()
@@ -175,12 +182,15 @@ async def postgres_key_copy_by_collation(dsn: str) -> dict:
         "key_copy_linguistic_collation": linguistic,
         "key_copy_c_rows_per_s": round(rows / wall["C"]),
         "key_copy_linguistic_rows_per_s": round(rows / wall[linguistic]),
+        "key_copy_tenant_first_rows_per_s": round(rows / wall["tenant_first"]),
     }
     if backend is not None and cpu["C"] > 0:  # a server on this machine: its backend's CPU
         out |= {
             "key_copy_c_postgres_us_per_row": round(cpu["C"] / rows * 1e6, 2),
             "key_copy_linguistic_postgres_us_per_row": round(cpu[linguistic] / rows * 1e6, 2),
             "key_copy_linguistic_vs_c_postgres_cpu": round(cpu[linguistic] / cpu["C"], 3),
+            "key_copy_tenant_first_postgres_us_per_row": round(
+                cpu["tenant_first"] / rows * 1e6, 2),
         }
     return out
 

@@ -114,3 +114,50 @@ async def test_a_resend_does_not_copy_batches_that_would_fail(ingestion: Ingesti
     assert copies == [100, 100, 100, 100]
     total = await pool.fetchval("SELECT count(*) FROM usage_keys WHERE tenant_id = $1", tenant)
     assert total == 100 + 50 + 100 + 100 + 100
+
+
+async def test_the_dedup_key_leads_with_the_idempotency_key_and_upgrades_keep_every_key(
+        fresh_database: str, tmp_path):
+    """Migration 0006 puts the idempotency key first in usage_keys' primary key (a fifth
+    less PostgreSQL CPU per key inserted: bench ceilings, key_copy_tenant_first_*): the keys
+    stored before it stay, and the constraint still means one key per tenant and
+    environment, shared neither across tenants nor environments."""
+    import shutil
+
+    from billstream_ingestion.bootstrap import MIGRATIONS
+    from billstream_messaging.host import MESSAGING_MIGRATIONS, RUNTIME_MIGRATIONS
+    from billstream_runtime import db
+
+    before = tmp_path / MIGRATIONS.parent.name / MIGRATIONS.name  # same names as the real
+    before.mkdir(parents=True)
+    for path in sorted(MIGRATIONS.glob("*.sql")):
+        if path.name < "0006":
+            shutil.copy(path, before / path.name)
+    pool = await db.create_pool(fresh_database, min_size=1, max_size=2,
+                                setup=db.timestamptz_micros)  # as the service's (KeyClaim)
+    try:
+        await db.migrate(pool, RUNTIME_MIGRATIONS, MESSAGING_MIGRATIONS, before)
+        async with pool.acquire() as conn, conn.transaction():
+            await repository.claim_keys(conn, "ten_a", "live", claims("k", 40))
+            await repository.claim_keys(conn, "ten_b", "live", claims("k", 3))
+        applied = await db.migrate(pool, RUNTIME_MIGRATIONS, MESSAGING_MIGRATIONS, MIGRATIONS)
+        assert applied == ["billstream_ingestion/0006_usage_keys_key_first.sql"]
+        columns = await pool.fetchval(
+            "SELECT array_agg(a.attname ORDER BY k.n) FROM pg_index i"
+            " CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)"
+            " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+            " WHERE i.indrelid = 'usage_keys'::regclass AND i.indisprimary")
+        assert columns == ["idempotency_key", "tenant_id", "environment"]
+        assert await pool.fetchval("SELECT count(*) FROM usage_keys") == 43
+        async with pool.acquire() as conn, conn.transaction():
+            again = await repository.claim_keys(conn, "ten_a", "live", claims("k", 45))
+            other_env = await repository.claim_keys(conn, "ten_a", "test", claims("k", 2))
+        assert [inserted for _, _, inserted in again.values()] == [False] * 40 + [True] * 5
+        assert all(inserted for _, _, inserted in other_env.values())
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await pool.execute(
+                "INSERT INTO usage_keys (tenant_id, environment, idempotency_key, payload_hash,"
+                " usage_id, event_id, customer, event_time)"
+                " VALUES ('ten_b', 'live', 'k-000001', 'h', 'u', 'e', 'c', now())")
+    finally:
+        await pool.close()
