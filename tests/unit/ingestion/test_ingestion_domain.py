@@ -147,6 +147,32 @@ def test_payload_hash_is_canonical():
         assert other.payload_hash != a.payload_hash, change
 
 
+def test_payload_hashes_stay_what_they_were_when_their_keys_were_stored():
+    """Pinned values. A stored key's hash is compared with every resend for the whole dedup
+    window: a change to how the hash is made (a faster serializer, another digest, keys in
+    another order) would turn the resends of events accepted before an upgrade into
+    conflicts. The hash is SHA-256 of the sorted compact JSON of customer, meter, properties
+    (nested keys sorted too), quantity (normalized text) and timestamp (UTC, "Z"; null when
+    sent without one)."""
+    import hashlib
+
+    canonical = (b'{"customer":"c","meter":"m","properties":{"a":1,"b":{"x":2,"y":1}},'
+                 b'"quantity":"2","timestamp":"2026-01-01T00:00:00Z"}')
+    expected = "7158b72576ca229922b2b6e6ace50c2f9e1eeb8b77655a60f736d34c7f763cd7"
+    assert hashlib.sha256(canonical).hexdigest() == expected
+    assert parse(body('{"idempotency_key": "k", "customer": "c", "meter": "m", "quantity": '
+                      '"2.0", "timestamp": "2026-01-01T01:00:00+01:00", "properties": '
+                      '{"a": 1, "b": {"y": 1, "x": 2}}}')).payload_hash == expected
+    assert parse(event(customer="acme-1")).payload_hash == hashlib.sha256(
+        b'{"customer":"acme-1","meter":"api_calls","properties":{},"quantity":"1",'
+        b'"timestamp":null}').hexdigest()
+    assert parse(body('{"idempotency_key": "k", "customer": "cus_01J9", "meter": "gb", '
+                      '"quantity": 0.125, "timestamp": "2026-11-22T10:00:00.123456Z", '
+                      '"properties": {"r\u00e9gion": "eu", "n": 12.50, '
+                      '"big": 99999999999999999999}}')).payload_hash == (
+        "004eac6322e548eca564e5ce3752a248bd57adab0f1be810c34818f589ebecc6")
+
+
 def test_missing_timestamp_is_part_of_the_payload():
     assert parse(event()).payload_hash == parse(event(quantity=1)).payload_hash
     assert parse(event()).payload_hash != parse(
