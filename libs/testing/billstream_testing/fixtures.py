@@ -109,3 +109,17 @@ def service_env(service: str, database_url: str, kafka_bootstrap: str, **extra: 
 def unique(prefix: str) -> str:
     """A unique name (topic, group, tenant) so that tests never share state."""
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def migrations_before(folder: Path, first_new: str, tmp_path: Path) -> Path:
+    """A copy of a migrations `folder` holding only the files named before `first_new` (say
+    "0006"), under the same folder names, so that `db.migrate` records them as the real ones:
+    for tests of an upgrade, run with it, then with `folder`."""
+    import shutil
+
+    before = tmp_path / folder.parent.name / folder.name
+    before.mkdir(parents=True)
+    for path in sorted(folder.glob("*.sql")):
+        if path.name < first_new:
+            shutil.copy(path, before / path.name)
+    return before

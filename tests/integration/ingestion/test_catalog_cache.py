@@ -164,17 +164,12 @@ async def test_scopes_with_a_catalog_before_the_upgrade_get_a_version(fresh_data
                                                                      tmp_path):
     """Migration 0005 gives every scope that already has customers, meters or clocks a
     version, so that its workers keep what they read from the first request on."""
-    import shutil
-
     from billstream_ingestion.bootstrap import MIGRATIONS
     from billstream_messaging.host import MESSAGING_MIGRATIONS, RUNTIME_MIGRATIONS
     from billstream_runtime import db
+    from billstream_testing.fixtures import migrations_before
 
-    before = tmp_path / MIGRATIONS.parent.name / MIGRATIONS.name  # same names as the real
-    before.mkdir(parents=True)
-    for path in sorted(MIGRATIONS.glob("*.sql")):
-        if path.name < "0005":
-            shutil.copy(path, before / path.name)
+    before = migrations_before(MIGRATIONS, "0005", tmp_path)
     pool = await db.create_pool(fresh_database, min_size=1, max_size=2)
     try:
         await db.migrate(pool, RUNTIME_MIGRATIONS, MESSAGING_MIGRATIONS, before)

@@ -122,17 +122,12 @@ async def test_the_dedup_key_leads_with_the_idempotency_key_and_upgrades_keep_ev
     less PostgreSQL CPU per key inserted: bench ceilings, key_copy_tenant_first_*): the keys
     stored before it stay, and the constraint still means one key per tenant and
     environment, shared neither across tenants nor environments."""
-    import shutil
-
     from billstream_ingestion.bootstrap import MIGRATIONS
     from billstream_messaging.host import MESSAGING_MIGRATIONS, RUNTIME_MIGRATIONS
     from billstream_runtime import db
+    from billstream_testing.fixtures import migrations_before
 
-    before = tmp_path / MIGRATIONS.parent.name / MIGRATIONS.name  # same names as the real
-    before.mkdir(parents=True)
-    for path in sorted(MIGRATIONS.glob("*.sql")):
-        if path.name < "0006":
-            shutil.copy(path, before / path.name)
+    before = migrations_before(MIGRATIONS, "0006", tmp_path)
     pool = await db.create_pool(fresh_database, min_size=1, max_size=2,
                                 setup=db.timestamptz_micros)  # as the service's (KeyClaim)
     try:
