@@ -20,6 +20,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from billstream_contracts.topics import TOPICS, USAGE_RAW, USAGE_REJECTED
+from billstream_messaging import published_envelope
 from billstream_testing.waiting import eventually
 from billstream_testing.webhooks import WebhookReceiver
 from conftest import start_stack
@@ -69,14 +70,16 @@ async def _ingestion_counts(stack, tenant_id: str) -> tuple[dict[str, str], dict
     try:
         keys = await db.fetch(
             "SELECT idempotency_key, usage_id FROM usage_keys WHERE tenant_id = $1", tenant_id)
-        logged = await db.fetch(
-            "SELECT u ->> 'idempotency_key' AS k FROM event_log,"
-            " jsonb_array_elements(convert_from(envelope, 'UTF8')::jsonb -> 'data' -> 'usages')"
-            " AS u WHERE tenant_id = $1 AND type = 'usage.batch_accepted'", tenant_id)
+        rows = await db.fetch(
+            "SELECT seq, envelope, envelope_codec FROM event_log"
+            " WHERE tenant_id = $1 AND type = 'usage.batch_accepted'", tenant_id)
     finally:
         await db.close()
-    return ({r["idempotency_key"]: r["usage_id"] for r in keys},
-            dict(Counter(r["k"] for r in logged)))
+    logged = Counter(  # stored compressed from a size on (EventStore zstd_min_bytes)
+        u["idempotency_key"] for r in rows
+        for u in orjson.loads(published_envelope(r["seq"], r["envelope"],
+                                                 r["envelope_codec"]))["data"]["usages"])
+    return {r["idempotency_key"]: r["usage_id"] for r in keys}, dict(logged)
 
 
 async def _metering_rows(stack, tenant_id: str) -> int:

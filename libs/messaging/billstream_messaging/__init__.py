@@ -10,7 +10,7 @@ from billstream_messaging.consumer import (
     unapplied_dead_letters,
 )
 from billstream_messaging.host import API_KEY_HANDLERS, AUTH_TOPIC, ServiceHost, run_cli
-from billstream_messaging.store import Cause, EventStore, NewEvent
+from billstream_messaging.store import Cause, EventStore, NewEvent, published_envelope
 
 __all__ = [
     "API_KEY_HANDLERS",
@@ -24,6 +24,7 @@ __all__ = [
     "Redriven",
     "ServiceHost",
     "dead_letter_payloads",
+    "published_envelope",
     "run_cli",
     "unapplied_dead_letters",
 ]

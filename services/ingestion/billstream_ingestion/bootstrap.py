@@ -22,8 +22,10 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 def build(settings: IngestionSettings | None = None) -> ServiceHost:
     settings = settings or load()
-    # the usage log is high volume: rows keep only the published envelope (see EventStore)
-    store = EventStore("ingestion", topic=USAGE_ACCEPTED, keep_data=False)
+    # the usage log is high volume: rows keep only the published envelope, compressed here
+    # from `log_zstd_min_bytes` on (see EventStore)
+    store = EventStore("ingestion", topic=USAGE_ACCEPTED, keep_data=False,
+                       zstd_min_bytes=settings.log_zstd_min_bytes)
     host = ServiceHost(
         settings=settings, title="Billstream ingestion", migrations=MIGRATIONS,
         routers=[router], store=store, tasks=[purge_keys],

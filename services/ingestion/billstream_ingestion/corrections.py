@@ -35,7 +35,7 @@ from billstream_contracts.events import UsageAmended, UsageVoided
 from billstream_ingestion import domain, repository
 from billstream_ingestion.service import Scope
 from billstream_ingestion.settings import IngestionSettings
-from billstream_messaging import EventStore, NewEvent
+from billstream_messaging import EventStore, NewEvent, published_envelope
 from billstream_runtime.errors import ApiError, Conflict, InvalidRequest, NotFound
 from billstream_runtime.ids import new_id
 
@@ -199,7 +199,9 @@ async def _original(conn, key) -> dict[str, Any]:
                        "This event was accepted before corrections existed and cannot be "
                        "corrected", param="idempotency_key", status=409)
     row = await repository.logged_event(conn, key["event_id"])
-    envelope = orjson.loads(row["envelope"]) if row["envelope"] else {"data": row["data"]}
+    envelope = (orjson.loads(published_envelope(row["seq"], row["envelope"],
+                                                row["envelope_codec"]))
+                if row["envelope"] is not None else {"data": row["data"]})
     data = envelope["data"]
     batched = "usages" in data
     if batched:  # a usage.batch_accepted: the event's own usage in it

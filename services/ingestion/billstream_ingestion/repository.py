@@ -307,9 +307,10 @@ async def get_key(conn: Conn, tenant_id: str, environment: str, idempotency_key:
 
 
 async def logged_event(conn: Conn, event_id: str):
-    """(seq, envelope bytes) of an event of this service's log."""
+    """(seq, envelope, envelope_codec, data) of an event of this service's log (the
+    published envelope: billstream_messaging.store.published_envelope)."""
     return await conn.fetchrow(
-        "SELECT seq, envelope, data FROM event_log WHERE id = $1", event_id)
+        "SELECT seq, envelope, envelope_codec, data FROM event_log WHERE id = $1", event_id)
 
 
 async def corrections(conn: Conn, tenant_id: str, environment: str, idempotency_key: str):

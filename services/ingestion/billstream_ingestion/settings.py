@@ -46,6 +46,11 @@ class IngestionSettings(ServiceSettings):
     # Accepted usage is logged and published as `usage.batch_accepted` events of at most this
     # much JSON each (keep it well under the broker's message size limit).
     accepted_batch_max_bytes: int = Field(256 * 1024, ge=16 * 1024, le=768 * 1024)
+    # Envelopes in the usage log of at least this many bytes are stored compressed by zstd,
+    # made by this process (event_log.envelope_codec; messaging migration 0009); 0 leaves
+    # them to PostgreSQL's own compression, readable in SQL but about ten times the CPU, in
+    # the server and under the log's head lock (bench/README.md).
+    log_zstd_min_bytes: int = Field(8 * 1024, ge=0)
     # Kafka input (`billstream.usage.raw`): consume it in this process.
     raw_input_enabled: bool = True
     raw_topic: str = USAGE_RAW

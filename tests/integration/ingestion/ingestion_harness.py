@@ -23,7 +23,7 @@ from billstream_contracts.topics import (
 )
 from billstream_ingestion.bootstrap import build
 from billstream_ingestion.settings import IngestionSettings
-from billstream_messaging import ServiceHost
+from billstream_messaging import ServiceHost, published_envelope
 from billstream_messaging.topics import ensure_topics
 from billstream_runtime.auth import hash_key
 from billstream_runtime.ids import new_id
@@ -121,7 +121,8 @@ class Ingestion:
         usage log keeps no other copy: EventStore keep_data=False)."""
         rows = await self.host.pool.fetch(
             "SELECT * FROM event_log WHERE tenant_id = $1 ORDER BY seq", self.tenant_id)
-        return [{**dict(r), "data": orjson.loads(r["envelope"])["data"]} for r in rows]
+        return [{**dict(r), "data": orjson.loads(published_envelope(
+            r["seq"], r["envelope"], r["envelope_codec"]))["data"]} for r in rows]
 
     async def accepted_events(self) -> list[dict]:
         """The log in order, each usage of a `usage.batch_accepted` as an entry of its own:

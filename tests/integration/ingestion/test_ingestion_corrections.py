@@ -101,6 +101,30 @@ async def test_amend_replaces_quantity_and_properties(ingestion):
     assert state["original"] == {"quantity": "1.5", "properties": {"region": "eu", "n": 1}}
 
 
+async def test_an_event_of_a_batch_stored_compressed_is_corrected(ingestion):
+    """A large batch's log row holds its envelope compressed (zstd, `log_zstd_min_bytes`):
+    a correction still finds the original usage in it."""
+    await ingestion.create_meter("api_calls")
+    events = [ev(f"z-{i}", quantity=i + 1, properties={"path": f"/p/{i}", "note": "x" * 40})
+              for i in range(100)]
+    async with ingestion.client() as c:
+        await send(c, *events)
+        r = await c.post("/v1/usage/corrections", json={
+            "idempotency_key": "z-57", "action": "amend", "quantity": "0.5"})
+        state = (await c.get("/v1/usage/events/lookup",
+                             params={"idempotency_key": "z-57"})).json()
+    assert r.status_code == 200, r.text
+    codecs = await ingestion.host.pool.fetch(
+        "SELECT envelope_codec FROM event_log WHERE tenant_id = $1 ORDER BY seq",
+        ingestion.tenant_id)
+    assert [row["envelope_codec"] for row in codecs] == ["zstd", None]  # batch, amendment
+    assert state["original"] == {"quantity": "58",
+                                 "properties": {"path": "/p/57", "note": "x" * 40}}
+    log = await ingestion.accepted_events()
+    assert [e["data"]["idempotency_key"] for e in log[:100]] == [f"z-{i}" for i in range(100)]
+    assert log[100]["data"]["quantity"] == "0.5"
+
+
 @pytest.mark.parametrize("body, code, param", [
     ({"idempotency_key": "k", "action": "erase"}, "parameter_invalid", "action"),
     ({"idempotency_key": "k", "action": "void", "quantity": 1}, "parameter_invalid",

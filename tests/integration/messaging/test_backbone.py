@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from billstream_contracts import Envelope
 from billstream_messaging import EventConsumer, EventContext, NewEvent, ServiceHost
 from billstream_messaging import consumer as consumer_module
-from billstream_messaging.store import EventStore
+from billstream_messaging.store import EventStore, published_envelope
 from billstream_runtime.auth import AuthContext, hash_key
 from billstream_runtime.http import SecretKey
 from billstream_runtime.idempotency import hash_request
@@ -193,6 +193,46 @@ async def test_small_and_large_appends_store_the_same_rows(host):
         assert row["data"] == returned.data and row["occurred_at"] == returned.occurred_at
         assert row["correlation_id"] == returned.correlation_id
     assert {r["recorded_at"] for r in rows[:3]} == {small[0].recorded_at}
+
+
+async def test_envelopes_from_a_size_on_are_stored_compressed_and_published_whole(host):
+    """A store with `zstd_min_bytes` keeps envelopes of that size and more as a zstd frame of
+    their tail (`envelope_codec` 'zstd'), on both append paths, and smaller ones as they are.
+    The relay publishes the very bytes an uncompressed store would have: the head with the
+    sequence, then the tail."""
+    host.store.zstd_min_bytes = 2048
+
+    def events(prefix: str, n: int) -> list[NewEvent]:
+        at = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+        return [NewEvent({"note_id": f"{prefix}{i}",
+                          "text": ("é \u2028 \"q\" " * 300) if i % 2 else "short"},
+                         type="note.created", tenant_id="ten_1", environment="test",
+                         aggregate_type="note", aggregate_id=f"{prefix}{i}", occurred_at=at)
+                for i in range(n)]
+
+    async with host.pool.acquire() as conn, conn.transaction():
+        small = await host.store.append(conn, events("s", 4))  # one statement
+    async with host.pool.acquire() as conn, conn.transaction():
+        large = await host.store.append(conn, events("l", 70))  # COPY
+    rows = await host.pool.fetch(
+        "SELECT seq, envelope, envelope_codec, octet_length(envelope) AS stored"
+        " FROM event_log ORDER BY seq")
+    published = {}
+    for row, returned in zip(rows, small + large, strict=True):
+        big = len(returned.data["text"]) > 100
+        assert row["envelope_codec"] == ("zstd" if big else None)
+        assert row["envelope"].startswith(b'{"sequence":%d,' % row["seq"]) is not big
+        whole = published_envelope(row["seq"], row["envelope"], row["envelope_codec"])
+        assert whole.startswith(b'{"sequence":%d,' % row["seq"])
+        assert Envelope.model_validate_json(whole) == returned
+        if big:
+            assert row["stored"] * 10 < len(whole)
+        published[row["seq"]] = whole
+    records = await read_topic(host.settings.kafka_bootstrap, host.store.topic, len(rows))
+    by_seq = {int(dict(r.headers)["event_sequence"]): r.value for r in records}
+    assert by_seq == published
+    with pytest.raises(ValueError, match="unknown envelope codec"):
+        published_envelope(1, b"x", "brotli")
 
 
 async def test_a_relay_round_reads_a_bounded_number_of_bytes(host):
