@@ -241,16 +241,19 @@ class RawInput:
                 if outcome.code == "unknown_meter":
                     self._unknown_meter_at[(scope, raw_at[outcome.index].get("meter"))] = now
             prepared.append(batch)
-        return Staged(records, decoded, outcomes, groups, prepared, undecoded)
+        tenant_of = {index: scope for scope, (indices, _) in groups.items()
+                     for index in indices} | undecoded
+        for d in decoded:  # the parsed JSON is not needed any more: a poll waiting to be
+            d.raw = None  # written holds only what the write and the reports need
+        return Staged(records, decoded, outcomes, tenant_of, prepared)
 
     async def finish(self, staged: Staged, producer: AIOKafkaProducer) -> None:
         """The writing half of a poll: one transaction, then the reports."""
         outcomes = staged.outcomes
         for outcome in await self._write(staged.prepared):
             outcomes[outcome.index] = outcome
-        tenant_of = {index: scope for scope, (indices, _) in staged.groups.items()
-                     for index in indices} | staged.undecoded
-        await self._report(staged.records, staged.decoded, outcomes, tenant_of, producer)
+        await self._report(staged.records, staged.decoded, outcomes, staged.tenant_of,
+                           producer)
         counts = Counter(o.status for o in outcomes.values())
         counter = self.host.metrics.custom.get("usage_events")
         if counter is not None:
@@ -359,9 +362,8 @@ class Staged:
     records: list[ConsumerRecord]
     decoded: list[raw_records.Decoded]
     outcomes: dict[int, Outcome]  # decided so far (by index in `records`)
-    groups: dict[service.Scope, tuple[list[int], list]]
+    tenant_of: dict[int, service.Scope]  # by index; a record that did not decode, if known
     prepared: list[service.Prepared]
-    undecoded: dict[int, service.Scope]  # the scope of records that did not decode, if known
 
 
 def _rewind(consumer: AIOKafkaConsumer, polled: dict) -> None:

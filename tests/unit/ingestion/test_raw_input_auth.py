@@ -67,7 +67,7 @@ async def test_every_record_s_key_is_looked_up_and_a_blank_one_is_not_missing(mo
         _record(b"{not json", b"sk_test_good"),
         _record(b'{"idempotency_key": "k", "customer": "c", "meter": "m"}', b"  "),
     ])
-    assert staged.undecoded == {0: service.Scope("ten_1", "test")}  # its report names it
+    assert staged.tenant_of == {0: service.Scope("ten_1", "test")}  # its report names it
     assert staged.outcomes[0].code == "invalid_json"
     assert staged.outcomes[1].code == "invalid_api_key"  # a blank key is a key, not none
     assert "" in authenticator.asked
