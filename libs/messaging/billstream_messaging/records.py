@@ -62,22 +62,22 @@ class _TolerantBatch:
         return getattr(self._batch, name)
 
     def __iter__(self) -> Iterator[Any]:
-        last = None
+        # The whole batch is read first, by the compiled reader in one call: no Python frame
+        # per record on the input's hot path. A batch it cannot read is read again, whole.
         try:
-            for record in self._batch:
-                last = record.offset
-                yield record
+            records = list(self._batch)
         except (UnicodeDecodeError, CorruptRecordException) as exc:
             # aiokafka's Python reader (no compiled extensions) wraps the decode error
             if not (isinstance(exc, UnicodeDecodeError)
                     or isinstance(exc.__cause__, UnicodeDecodeError)):
                 raise
-            yield from lenient_records(self._data, self._batch.base_offset, after=last)
+            return lenient_records(self._data, self._batch.base_offset)
+        return iter(records)
 
 
-def lenient_records(data: bytes, base_offset: int, after: int | None = None) -> Iterator[Any]:
-    """The records of the batch at `base_offset` in `data` (after offset `after`), read by
-    aiokafka's Python reader with header names decoded with surrogateescape."""
+def lenient_records(data: bytes, base_offset: int) -> Iterator[Any]:
+    """The records of the batch at `base_offset` in `data`, read by aiokafka's Python reader
+    with header names decoded with surrogateescape."""
     pos = 0
     while pos + _LOG_OVERHEAD.size <= len(data):  # batches: base offset, length, the rest
         offset, length = _LOG_OVERHEAD.unpack_from(data, pos)
@@ -86,9 +86,7 @@ def lenient_records(data: bytes, base_offset: int, after: int | None = None) -> 
             batch = _DefaultRecordBatchPy(memoryview(data)[pos:end])
             iter(batch)  # decompresses into the batch's buffer, then reads from it
             batch._buffer = _LenientBuffer(batch._buffer)
-            for record in batch:
-                if after is None or record.offset > after:
-                    yield record
+            yield from batch
             return
         pos = end
     # the fetcher would go on past the batch's records as if they had been read
