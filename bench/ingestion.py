@@ -28,8 +28,10 @@ Figures (units in the names):
   every record; usage_keys is checked exactly afterwards) and until
   all are on `usage.accepted`. `sustained_events_per_s`: the rate between the samples at
   which 10% and 90% of the events were durable (without the consumer group forming after
-  ready, `first_durable_after_ready_s`, and the last polls); the target is judged on the
-  rate from ready. "not available" while ingestion has no consumer of the topic.
+  ready, `first_durable_after_ready_s`, and the last polls), and the same for publishing
+  (`sustained_published_events_per_s`); the target ("100,000 events/s sustained") is judged
+  on the lower of the two, and the rate from ready is reported next to it. "not available"
+  while ingestion has no consumer of the topic.
 - `memory`: the ingestion process's RSS, peak and steady (median of the phase's second half);
   with several workers the largest one's, all of them together (`peak_total_mb`), and
   their PSS together (`peak_total_pss_mb`: pages the forked workers share counted once).
@@ -1146,12 +1148,18 @@ def ratios(ceilings: dict | None, source: str, http: dict, latency: dict, kafka:
                                             / TARGET_HTTP_EVENTS_PER_S, 3)
     out["http_target_met"] = http["acked_events_per_s"] >= TARGET_HTTP_EVENTS_PER_S
     if "durable_events_per_s" in kafka:
-        rate = min(kafka["durable_events_per_s"], kafka["published_events_per_s"])
-        out["kafka_vs_target_100k"] = round(rate / TARGET_KAFKA_EVENTS_PER_S, 3)
-        out["kafka_target_met"] = rate >= TARGET_KAFKA_EVENTS_PER_S
-        if kafka.get("sustained_events_per_s"):  # informative: the target is judged above
-            out["kafka_sustained_vs_target_100k"] = round(
-                kafka["sustained_events_per_s"] / TARGET_KAFKA_EVENTS_PER_S, 3)
+        from_ready = min(kafka["durable_events_per_s"], kafka["published_events_per_s"])
+        out["kafka_from_ready_vs_target_100k"] = round(from_ready / TARGET_KAFKA_EVENTS_PER_S, 3)
+        # the target is a sustained rate: durable and published, between 10% and 90% of the
+        # preloaded events (from ready, the consumer group's forming counts too)
+        sustained = [kafka.get("sustained_events_per_s"),
+                     kafka.get("sustained_published_events_per_s")]
+        if all(sustained):
+            rate = min(sustained)
+            out["kafka_sustained_vs_target_100k"] = round(rate / TARGET_KAFKA_EVENTS_PER_S, 3)
+            out["kafka_target_met"] = rate >= TARGET_KAFKA_EVENTS_PER_S
+        else:
+            out["kafka_target_met"] = "not measured (too few samples for a sustained rate)"
     else:
         out["kafka_target_met"] = "not measured"
     out["latency_p99_vs_target_500ms"] = round(latency["p99_ms"] / TARGET_P99_MS, 3)
