@@ -34,8 +34,8 @@ class IngestionSettings(ServiceSettings):
     key_purge_interval_s: float = 3600.0
     key_purge_batch: int = 10_000
     # Backpressure: answer 503 + Retry-After (HTTP) or pause the Kafka input when more than
-    # this many bytes of accepted events wait for the relay to publish them (64 MiB: about
-    # 400,000 usage events in batches; some seconds of the relay's work) ...
+    # this many bytes of accepted events wait for the relay to publish them (64 MiB as
+    # stored: about a million usage events, compressed; seconds of the relay's work) ...
     max_relay_lag_bytes: int = 64 * 1024 * 1024
     # ... or when this many events are being ingested at once by this process.
     max_inflight_events: int = 16_000
