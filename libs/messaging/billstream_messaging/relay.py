@@ -65,7 +65,7 @@ def encode_row(source: str, row) -> bytes:
 #: The next rows to publish, lean: the envelope bytes as stored and what the record needs.
 #: At most $2 rows and about $3 stored bytes (a log of usage batches has rows of hundreds of
 #: KiB: the relay's memory stays bounded; compressed, by the server or by zstd, they publish
-#: 3 to 5 times their stored bytes), always at least one row.
+#: several times their stored bytes: 4-5 for usage like production's), always at least one row.
 #: (The LIMIT is applied before the running sum: a window function over the whole backlog —
 #: the whole log while republishing — would read every row on every round.)
 _SELECT_UNPUBLISHED = """
