@@ -57,6 +57,11 @@ log = structlog.get_logger("billstream.ingestion.raw")
 #: How long a refused API key is refused without asking (or waiting for) the projection again;
 #: and how long after an unknown meter a tenant's events are not waited for again.
 _REFUSED_KEY_TTL_S = 10.0
+#: A poll is staged while the poll before is written on the same event loop: staging lets the
+#: loop run after every this many records, so that each of the write's round trips (one of
+#: them under the log's head lock, which the other workers wait for) waits for at most that
+#: much of the stage's CPU (about 1-2 ms) instead of all of it (30-50 ms for 5,000 records).
+_YIELD_EVERY = 500
 
 
 class RawInput:
@@ -191,8 +196,14 @@ class RawInput:
     async def stage(self, records: list[ConsumerRecord]) -> Staged:
         """The read-only half of a poll: decode, authenticate, prepare per tenant."""
         settings = self.settings
-        decoded = [raw_records.decode(rec.value, rec.headers, settings.raw_max_record_bytes)
-                   for rec in records]
+        step = _YIELD_EVERY
+        max_bytes = settings.raw_max_record_bytes
+        decoded: list[raw_records.Decoded] = []
+        for start in range(0, len(records), step):
+            if start:  # the write of the poll before runs on the same loop (see _step)
+                await asyncio.sleep(0)
+            decoded += [raw_records.decode(rec.value, rec.headers, max_bytes)
+                        for rec in records[start:start + step]]
         outcomes: dict[int, Outcome] = {}
         # every key that came, records that do not decode included: their reports name the
         # tenant too, so that a producer reading the topic for its own tenant sees them
@@ -231,9 +242,11 @@ class RawInput:
                              if s == scope and at > cutoff)
             batch = await service.prepare(self.host.pool, settings, scope, raws,
                                           indices=indices, known_unknown_meters=skip,
-                                          catalog=self.host.app.state.catalog)
+                                          catalog=self.host.app.state.catalog,
+                                          yield_every=step)
             if batch.valid:  # the CPU half of the write, while the poll before is written
-                service.encode(batch, settings.accepted_batch_max_bytes)
+                await service.encode_cooperatively(batch, settings.accepted_batch_max_bytes,
+                                                   step)
             if len(self._unknown_meter_at) > 10_000:
                 self._unknown_meter_at.clear()
             raw_at = dict(zip(indices, raws, strict=True))

@@ -25,7 +25,8 @@ Order of work for one batch of one tenant and environment:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -124,19 +125,25 @@ async def prepare(
     indices: Sequence[int] | None = None,
     known_unknown_meters: frozenset[str] = frozenset(),
     catalog: CatalogCache | None = None,
+    yield_every: int = 0,
 ) -> Prepared:
     """The read-only half of ingest: validation, meters, customers and the time window.
     Outcomes carry `indices[i]` for `raw_events[i]` (default: the position). Unknown meters
     are waited for up to `projection_wait_s`, except `known_unknown_meters` (found unknown a
     moment ago by the caller). Meters and customers come from `catalog` where it remembers
-    them at the scope's current version (catalog.py), else from the read models."""
+    them at the scope's current version (catalog.py), else from the read models.
+    `yield_every` > 0 lets the event loop run after every that many events (see
+    `encode_cooperatively`)."""
     now = now or datetime.now(UTC)
     prepared = Prepared(scope)
     outcomes = prepared.outcomes
     valid: list[UsageEvent] = []
     max_props = settings.max_properties_bytes
-    for index, raw in zip(indices if indices is not None else range(len(raw_events)),
-                          raw_events, strict=True):
+    for i, (index, raw) in enumerate(zip(
+            indices if indices is not None else range(len(raw_events)), raw_events,
+            strict=True)):
+        if yield_every and i and i % yield_every == 0:
+            await asyncio.sleep(0)
         parsed = domain.parse_event(index, raw, max_properties_bytes=max_props)
         if type(parsed) is UsageEvent:
             valid.append(parsed)
@@ -165,7 +172,9 @@ async def prepare(
                                         settings.projection_wait_s)
     in_window = []
     timestamps = prepared.timestamps
-    for ev in valid:
+    for i, ev in enumerate(valid):
+        if yield_every and i and i % yield_every == 0:
+            await asyncio.sleep(0)
         event_now = default_timestamp(customers.get(ev.customer), now)
         timestamp = ev.timestamp or event_now
         error = domain.window_error(timestamp, event_now, window, future)
@@ -181,29 +190,58 @@ async def prepare(
 
 
 def encode(prepared: Prepared, max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> None:
+    """See `_encode`, run in one go."""
+    for _ in _encode(prepared, max_batch_bytes, 0):
+        pass
+
+
+async def encode_cooperatively(prepared: Prepared, max_batch_bytes: int,
+                               yield_every: int) -> None:
+    """`encode`, letting the event loop run after every `yield_every` events: the Kafka
+    input encodes a poll while the poll before is being written on the same loop, and each of
+    that write's round trips (a transaction holding the log's head lock among them) would
+    otherwise wait for the whole poll's encoding."""
+    for _ in _encode(prepared, max_batch_bytes, yield_every):
+        await asyncio.sleep(0)
+
+
+def _encode(prepared: Prepared, max_batch_bytes: int, yield_every: int) -> Iterator[None]:
     """The CPU half of `write`, which needs no database: each first occurrence of a key gets
     a usage id and its usage JSON, the JSON is split into batch events of at most
     `max_batch_bytes`, and each key's claim names the batch event that would hold it (its
     size decides which; corrections find the usage through it). Callers run it before taking
-    a connection (the Kafka input, while the poll before is being written)."""
+    a connection (the Kafka input, while the poll before is being written). Yields after every
+    `yield_every` events (never when it is 0)."""
     firsts = domain.first_per_key(prepared.valid)
     usage_ids = new_ids("use", len(firsts))
     customers = prepared.customers
     timestamps = prepared.timestamps
-    usages = [
-        _usage_json(ev, usage_id, customers.get(ev.customer), timestamps[ev.index])
-        for ev, usage_id in zip(firsts, usage_ids, strict=True)
-    ]
+    step = yield_every or len(firsts) or 1
+    usages: list[bytes] = []
+    for start in range(0, len(firsts), step):
+        if start:
+            yield
+        usages += [
+            _usage_json(ev, usage_id, customers.get(ev.customer), timestamps[ev.index])
+            for ev, usage_id in zip(firsts[start:start + step],
+                                    usage_ids[start:start + step], strict=True)
+        ]
     chunks = _chunks(usages, max_batch_bytes)
     event_ids = new_ids("evt", len(chunks))
     chunk_of = []  # the event id of each first's batch
     for event_id, (start, stop) in zip(event_ids, chunks, strict=True):
         chunk_of += [event_id] * (stop - start)
-    claims = [
-        KeyClaim(ev.idempotency_key, ev.payload_hash, usage_id, event_id, ev.customer,
-                 pg_micros(timestamps[ev.index]))
-        for ev, usage_id, event_id in zip(firsts, usage_ids, chunk_of, strict=True)
-    ]
+    claims: list[KeyClaim] = []
+    for start in range(0, len(firsts), step):
+        if yield_every:
+            yield
+        claims += [
+            KeyClaim(ev.idempotency_key, ev.payload_hash, usage_id, event_id, ev.customer,
+                     pg_micros(timestamps[ev.index]))
+            for ev, usage_id, event_id in zip(firsts[start:start + step],
+                                              usage_ids[start:start + step],
+                                              chunk_of[start:start + step], strict=True)
+        ]
     prepared.encoded = Encoded(firsts, usages, chunks, event_ids, claims, max_batch_bytes)
 
 
