@@ -54,7 +54,7 @@ SYSTEM_USER = "billstream-pg"
 #: accepts connections again, seconds to tens of seconds.
 #: wal_init_zero off: a new WAL segment is not first filled with 16 MB of zeros. A server that
 #: has run a while recycles its old segments; a fresh one (every local stack, every bench)
-#: creates a new one about every 36,000 ingested events, and the COMMIT that crosses into it
+#: creates a new one about every 38,000 ingested events, and the COMMIT that crosses into it
 #: waited for the zeros and their fsync, holding the log's head lock (WALInitWrite was a
 #: tenth of the Kafka input's write waits). On ext4 and similar the segment is extended as
 #: it is written; the WAL stays as durable (each commit still fsyncs it).
