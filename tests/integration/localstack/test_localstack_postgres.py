@@ -79,6 +79,8 @@ async def test_settings_for_a_dev_box(servers: list[EmbeddedPostgres], tmp_path:
         assert await conn.fetchval("SHOW max_connections") == "300"
         assert await conn.fetchval("SHOW shared_buffers") == "256MB"
         assert await conn.fetchval("SHOW max_wal_size") == "4GB"
+        assert await conn.fetchval("SHOW wal_init_zero") == "off"
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"  # commits stay durable
         assert (
             await conn.fetchval("SELECT current_setting('server_version_num')::int / 10000") == 16
         )
