@@ -263,17 +263,19 @@ class RawInput:
     async def finish(self, staged: Staged, producer: AIOKafkaProducer) -> None:
         """The writing half of a poll: one transaction, then the reports."""
         outcomes = staged.outcomes
-        for outcome in await self._write(staged.prepared):
+        for outcome in await self._write(staged.prepared):  # those of events not accepted
             outcomes[outcome.index] = outcome
         await self._report(staged.records, staged.decoded, outcomes, staged.tenant_of,
                            producer)
         counts = Counter(o.status for o in outcomes.values())
+        counts["accepted"] = len(staged.records) - len(outcomes)  # (every other record)
         counter = self.host.metrics.custom.get("usage_events")
         if counter is not None:
             for status, n in counts.items():
                 counter.labels("kafka", status).inc(n)
 
     async def _write(self, prepared: list[service.Prepared]) -> list[Outcome]:
+        """The poll's one transaction; the outcomes of its events that were not accepted."""
         if not any(p.valid for p in prepared):
             return [o for p in prepared for o in p.outcomes]
         backoff = 0.2
@@ -282,7 +284,8 @@ class RawInput:
                 async with self.host.pool.acquire() as conn, conn.transaction():
                     return await service.write(
                         conn, self.host.store, prepared,
-                        max_batch_bytes=self.settings.accepted_batch_max_bytes)
+                        max_batch_bytes=self.settings.accepted_batch_max_bytes,
+                        list_accepted=False)
             except TRANSIENT_ERRORS as exc:
                 log.warning("raw_write_retry", error=repr(exc), retry_in_s=backoff)
                 await asyncio.sleep(backoff)

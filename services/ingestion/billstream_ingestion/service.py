@@ -246,14 +246,17 @@ def _encode(prepared: Prepared, max_batch_bytes: int, yield_every: int) -> Itera
 
 
 async def write(conn: asyncpg.Connection, store: EventStore, batches: Sequence[Prepared],
-                *, max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> list[Outcome]:
+                *, max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+                list_accepted: bool = True) -> list[Outcome]:
     """In the caller's transaction: claim the keys of every prepared batch and append the newly
     claimed usage as `usage.batch_accepted` events (one per tenant batch, split so that none
     holds more than `max_batch_bytes` of JSON; see `encode`, done here for a batch not
     encoded yet, or encoded for another size). Returns every outcome of every batch. Usage
     whose key turns out to be taken is left out of its batch event. A batch written again
     (a retry after a failed transaction) keeps its encoding, so its ids: none of them was
-    committed."""
+    committed. With `list_accepted` False, only the outcomes of events not accepted are
+    returned (the Kafka input reports those and counts the rest: every event it wrote that
+    has no outcome here was accepted)."""
     outcomes: list[Outcome] = []
     appended: list[NewEvent] = []
     for prepared in batches:
@@ -266,13 +269,27 @@ async def write(conn: asyncpg.Connection, store: EventStore, batches: Sequence[P
         firsts, usages, chunks, event_ids, claims = (
             prepared.encoded.firsts, prepared.encoded.usages, prepared.encoded.chunks,
             prepared.encoded.event_ids, prepared.encoded.claims)
-        claimed = await repository.claim_keys(conn, scope.tenant_id, scope.environment, claims)
-        for event_id, (start, stop) in zip(event_ids, chunks, strict=True):
-            won = [usages[i] for i in range(start, stop)
-                   if claimed[firsts[i].idempotency_key][2]]
-            if won:
-                appended.append(_batch_event(scope, event_id, won))
-        outcomes += domain.resolve_outcomes(prepared.valid, claimed)
+        if await repository.copy_new_keys(conn, scope.tenant_id, scope.environment, claims):
+            # every key was new: every first occurrence won, each batch event holds its range
+            appended += [_batch_event(scope, event_id, usages[start:stop])
+                         for event_id, (start, stop) in zip(event_ids, chunks, strict=True)]
+            if len(firsts) == len(prepared.valid):  # and no key came twice: all accepted
+                if list_accepted:
+                    outcomes += [Outcome(ev.index, ev.idempotency_key, "accepted", c.usage_id)
+                                 for ev, c in zip(firsts, claims, strict=True)]
+                continue
+            claimed = {c.idempotency_key: (c.payload_hash, c.usage_id, True) for c in claims}
+        else:
+            claimed = await repository.claim_each(conn, scope.tenant_id, scope.environment,
+                                                  claims)
+            for event_id, (start, stop) in zip(event_ids, chunks, strict=True):
+                won = [usages[i] for i in range(start, stop)
+                       if claimed[firsts[i].idempotency_key][2]]
+                if won:
+                    appended.append(_batch_event(scope, event_id, won))
+        resolved = domain.resolve_outcomes(prepared.valid, claimed)
+        outcomes += (resolved if list_accepted
+                     else [o for o in resolved if o.status != "accepted"])
     if appended:
         await store.append(conn, appended, returning=False)
     return outcomes

@@ -114,6 +114,18 @@ async def test_every_refused_record_is_reported_with_its_reason(ingestion: Inges
     assert all(r["_headers"]["billstream-outcome"] == r["status"].encode() for r in reports)
     got = await accepted_keys(ingestion, 1)
     assert list(got) == ["ok-1"]
+    # and counted by outcome (the accepted ones are not listed by the write: they are the
+    # records left when the others are counted)
+    registry = ingestion.host.metrics.registry
+
+    async def counted():
+        counts = {outcome: registry.get_sample_value(
+            "billstream_usage_events_total", {"channel": "kafka", "outcome": outcome})
+            for outcome in ("accepted", "duplicate", "rejected")}
+        return counts if counts["rejected"] == 9 else None
+
+    assert await eventually(counted, timeout=10, message="the counts") == {
+        "accepted": 1, "duplicate": 1, "rejected": 9}
 
 
 async def test_dedup_is_shared_with_http(ingestion: Ingestion):

@@ -4,7 +4,7 @@ timeouts), against real PostgreSQL: the statement's plan, and the COPY that is n
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -156,3 +156,69 @@ async def test_the_dedup_key_leads_with_the_idempotency_key_and_upgrades_keep_ev
                 " VALUES ('ten_b', 'live', 'k-000001', 'h', 'u', 'e', 'c', now())")
     finally:
         await pool.close()
+
+
+async def test_write_answers_the_same_on_every_path_listing_accepted_events_or_not(
+        ingestion: Ingestion, monkeypatch):
+    """service.write claims a batch of new keys by COPY and takes every event as accepted
+    without a per-key answer; a batch with a key twice, or a resend, is sorted out key by
+    key. Either way the outcomes are the same, and with list_accepted=False (the Kafka input)
+    exactly the events not accepted are listed: every event left out was accepted, and is in
+    the log and in usage_keys."""
+    from billstream_ingestion import service
+
+    copies: list[int] = []
+    real_copy = asyncpg.Connection.copy_records_to_table
+
+    async def counting_copy(self, table, **kwargs):
+        copies.append(len(kwargs["records"]))
+        return await real_copy(self, table, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", counting_copy)
+    await ingestion.create_meter("api_calls")
+    host = ingestion.host
+    scope = service.Scope(ingestion.tenant_id, "test")
+    recent = (datetime.now(UTC) - timedelta(hours=1)).isoformat().replace("+00:00", "Z")
+
+    def raw(key: str, quantity: str = "1") -> dict:
+        return {"idempotency_key": key, "customer": "acme-1", "meter": "api_calls",
+                "quantity": quantity, "timestamp": recent}
+
+    async def write(raws: list[dict], list_accepted: bool) -> list:
+        prepared = await service.prepare(host.pool, host.settings, scope, raws)
+        async with host.pool.acquire() as conn, conn.transaction():
+            return await service.write(conn, host.store, [prepared],
+                                       list_accepted=list_accepted)
+
+    def answer(outcomes) -> list[tuple]:
+        return sorted((o.index, o.idempotency_key, o.status, o.code) for o in outcomes)
+
+    # all new, by COPY: nothing to list, or every event accepted with its own usage id
+    assert await write([raw(f"w-{i}") for i in range(40)], list_accepted=False) == []
+    listed = await write([raw(f"x-{i}") for i in range(40)], list_accepted=True)
+    assert answer(listed) == [(i, f"x-{i}", "accepted", None) for i in range(40)]
+    assert copies == [40, 40]
+    # a key twice in a batch of new keys (COPYed): the repeat is a duplicate, or a conflict
+    repeats = [raw(f"y-{i}") for i in range(40)] + [raw("y-3"), raw("y-5", quantity="2")]
+    expected = [(40, "y-3", "duplicate", None), (41, "y-5", "rejected",
+                                                 "idempotency_key_conflict")]
+    assert answer(await write(repeats, list_accepted=False)) == expected
+    assert copies == [40, 40, 40]  # (the first occurrences)
+    both = answer(await write([raw(f"z-{i}") for i in range(40)] + [raw("z-3")],
+                              list_accepted=True))
+    assert both == [(i, f"z-{i}", "accepted", None) for i in range(40)] + [
+        (40, "z-3", "duplicate", None)]
+    assert copies == [40, 40, 40, 40]
+    # a resend (the COPY fails, key by key), new keys among it: only the resent are listed
+    resend = [raw(f"w-{i}") for i in range(35)] + [raw("w-new-1"), raw("w-new-2")]
+    assert answer(await write(resend, list_accepted=False)) == [
+        (i, f"w-{i}", "duplicate", None) for i in range(35)]
+    assert copies == [40, 40, 40, 40, 37]  # tried, refused
+    stored = {r["idempotency_key"]: r["usage_id"] for r in await host.pool.fetch(
+        "SELECT idempotency_key, usage_id FROM usage_keys WHERE tenant_id = $1",
+        scope.tenant_id)}
+    logged = {u["idempotency_key"]: u["usage_id"] for r in await ingestion.log_rows()
+              if r["type"] == "usage.batch_accepted" for u in r["data"]["usages"]}
+    assert len(stored) == 40 + 40 + 40 + 40 + 2
+    assert logged == stored  # every accepted event once, under the usage id of its key
+    assert {o.usage_id for o in listed} == {stored[f"x-{i}"] for i in range(40)}
