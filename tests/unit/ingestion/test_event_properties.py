@@ -283,6 +283,27 @@ def test_well_formed_events_are_parsed(generated):
 
 
 @props
+@given(events(), timestamps(), st.one_of(st.none(), refs), keys)
+def test_the_usage_json_is_the_bytes_orjson_writes(generated, ts, customer_id, usage_id):
+    """service._usage_json writes with msgspec (a result kept costs less than orjson's: see
+    its docstring); the bytes must stay those orjson writes (UTC as "Z", microseconds when
+    there are any, text past ASCII as UTF-8, control characters escaped), whichever wrote
+    a usage into the log."""
+    from billstream_ingestion.repository import KnownCustomer
+    from billstream_ingestion.service import _usage_json
+
+    ev = parse(generated[0], BIG_CAP)
+    assert isinstance(ev, UsageEvent), ev
+    customer = None if customer_id is None else KnownCustomer(customer_id, None, None)
+    got = _usage_json(ev, usage_id, customer, ts[1])
+    assert got == orjson.dumps({
+        "usage_id": usage_id, "idempotency_key": ev.idempotency_key, "customer": ev.customer,
+        "customer_id": customer_id, "meter": ev.meter, "quantity": ev.quantity_text,
+        "timestamp": ts[1], "properties": ev.properties}, option=orjson.OPT_UTC_Z)
+    assert orjson.loads(got)["timestamp"] == domain.format_timestamp(ts[1])
+
+
+@props
 @given(quantities())
 def test_every_spelling_of_a_quantity_parses_to_the_same_decimal(quantity):
     hashes = set()
