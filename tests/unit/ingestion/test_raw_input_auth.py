@@ -67,7 +67,40 @@ async def test_every_record_s_key_is_looked_up_and_a_blank_one_is_not_missing(mo
         _record(b"{not json", b"sk_test_good"),
         _record(b'{"idempotency_key": "k", "customer": "c", "meter": "m"}', b"  "),
     ])
-    assert staged.tenant_of == {0: service.Scope("ten_1", "test")}  # its report names it
+    assert staged.scope_of(0) == service.Scope("ten_1", "test")  # its report names it
+    assert staged.scope_of(1) is None
     assert staged.outcomes[0].code == "invalid_json"
     assert staged.outcomes[1].code == "invalid_api_key"  # a blank key is a key, not none
     assert "" in authenticator.asked
+
+
+async def test_a_tenant_s_records_under_several_keys_are_prepared_together_in_poll_order(
+        monkeypatch):
+    """Two secret keys of one tenant in a poll: one batch for the scope, records in offset
+    order (the first occurrence of an idempotency key is the one accepted), and a refused
+    key's records rejected, whatever order they came in."""
+    runner, authenticator, _ = _runner(monkeypatch)
+
+    async def authenticate(key: str):
+        if key in ("sk_test_one", "sk_test_two"):
+            return SimpleNamespace(kind="secret", tenant_id="ten_1", environment="test")
+        raise ApiError("invalid_api_key", "The API key is malformed")
+
+    authenticator.authenticate = authenticate
+    prepared: list[tuple[service.Scope, list[int], list[str]]] = []
+
+    async def prepare(pool, settings, scope, raws, *, indices, **_):
+        prepared.append((scope, list(indices), [r["idempotency_key"] for r in raws]))
+        return service.Prepared(scope)
+
+    monkeypatch.setattr(service, "prepare", prepare)
+    keys = [b"sk_test_one", b"sk_test_two", b"sk_test_bad", b"sk_test_two", b"sk_test_one"]
+    staged = await runner.stage([
+        _record(b'{"idempotency_key": "k%d", "customer": "c", "meter": "m"}' % i, key)
+        for i, key in enumerate(keys)])
+    assert prepared == [(service.Scope("ten_1", "test"), [0, 1, 3, 4],
+                         ["k0", "k1", "k3", "k4"])]
+    assert list(staged.outcomes) == [2] and staged.outcomes[2].code == "invalid_api_key"
+    assert staged.outcomes[2].idempotency_key == "k2"
+    assert [staged.scope_of(i) for i in range(5)] == [
+        service.Scope("ten_1", "test")] * 2 + [None] + [service.Scope("ten_1", "test")] * 2
