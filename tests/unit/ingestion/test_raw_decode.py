@@ -3,7 +3,10 @@ mapped is reported as, and an API key header that is not text."""
 
 from __future__ import annotations
 
+import msgspec
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from billstream_ingestion import raw_records
 
@@ -94,3 +97,46 @@ def test_a_binary_event_without_ce_specversion_is_told_so():
     native = orjson.dumps({"idempotency_key": "k", "customer": "c", "meter": "m"})
     assert raw_records.decode(native, attributes, CAP).error is None
     assert raw_records.decode(b'{"quantity": 2}', [AUTH], CAP).error is None  # (prepare's)
+
+
+def _seen(d: raw_records.Decoded) -> tuple:
+    error = d.error and (d.error.code, d.error.message, d.error.param)
+    return (d.api_key, d.raw, error, d.idempotency_key, d.cloudevent)
+
+
+_leaves = (st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+           | st.decimals(allow_nan=False, allow_infinity=False))
+_json = st.recursive(_leaves, lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=8)
+#: objects with the names the readings look at: native events, CloudEvents, neither
+_names = st.sampled_from(["idempotency_key", "customer", "meter", "quantity", "timestamp",
+                          "properties", "specversion", "id", "source", "type", "subject",
+                          "data", "x"])
+_objects = st.dictionaries(_names, _json, max_size=7)
+
+
+_value = msgspec.json.Encoder(decimal_format="number").encode  # big ints, exact decimals
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_objects.map(_value), _json.map(_value), st.binary(max_size=40),
+                 st.sampled_from([b"[" * 2000, b"1e999999999999999999", b"NaN", b'{"a":1}x',
+                                  b'{"idempotency_key":"k","q":1.5e3}'])),
+       st.sampled_from([AUTH, (raw_records.API_KEY_HEADER.upper(), b"sk_test_x"),
+                        (raw_records.API_KEY_HEADER, b"sk_test_other"), ("trace", b"sk_test_x"),
+                        (raw_records.API_KEY_HEADER, None), ("ce_specversion", b"1.0")]),
+       st.sampled_from([CAP, 8]))
+def test_the_usual_record_is_read_as_the_general_reading_reads_it(value, header, cap):
+    """decode's fast path (one header, an API key seen before, a native event) decides what
+    the general reading (`read`) decides, for any value and a lone header of any kind."""
+    raw_records.decode(b"{}", [AUTH], CAP)  # the key is one seen before
+    assert _seen(raw_records.decode(value, (header,), cap)) == _seen(
+        raw_records.read(value, (header,), cap))
+
+
+def test_the_fast_path_is_taken_for_the_usual_record(monkeypatch):
+    """(The test above would pass with no fast path at all: this one shows it is there.)"""
+    raw_records.decode(b"{}", (AUTH,), CAP)  # the key, seen
+    monkeypatch.setattr(raw_records, "read", None)
+    decoded = raw_records.decode(b'{"idempotency_key": "k", "meter": "m"}', (AUTH,), CAP)
+    assert decoded.raw == {"idempotency_key": "k", "meter": "m"} and decoded.api_key == "sk_test_x"
