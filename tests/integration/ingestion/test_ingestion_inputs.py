@@ -253,12 +253,19 @@ async def test_the_window_follows_the_customers_test_clock(ingestion: Ingestion)
          "timestamp": "2026-02-01T00:00:00Z"},  # a day after the clock: out
         {"idempotency_key": "wall", "customer": "clocked", "meter": "api_calls",
          "timestamp": RECENT},  # now on the wall clock, months after the clock: out
+        # in the same batch, a customer on no clock keeps the wall clock's window
+        {"idempotency_key": "free-now", "customer": "free", "meter": "api_calls",
+         "timestamp": RECENT},  # in
+        {"idempotency_key": "free-jan-1", "customer": "free", "meter": "api_calls",
+         "timestamp": "2026-01-01T00:00:00Z"},  # months before the wall clock: out
     ]
     async with ingestion.client() as c:
         res = (await c.post("/v1/usage/events", json={"events": events})).json()["results"]
         await ingestion.advance_clock(clock, jan31, datetime(2026, 3, 1, tzinfo=UTC))
         later = (await c.post("/v1/usage/events", json={"events": events[:1]})).json()
-    assert [r["status"] for r in res] == ["accepted", "rejected", "rejected", "rejected"]
+    assert [r["status"] for r in res] == ["accepted", "rejected", "rejected", "rejected",
+                                          "accepted", "rejected"]
+    assert "older than the 35-day window" in res[5]["message"]
     # once the clock moved past the window, the January event is too old even to resend
     assert later["results"][0]["code"] == "timestamp_out_of_window"
 
