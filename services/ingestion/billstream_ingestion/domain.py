@@ -149,8 +149,9 @@ def loads(raw: bytes | str) -> Any:
 
 
 _DECODER = msgspec.json.Decoder(float_hook=Decimal)
-#: `loads` without the fallback: what it returns when it returns, else ValueError or
-#: ArithmeticError (the caller then asks `loads`, which says why or parses it exactly).
+#: `loads` without the fallback: what it returns when it returns, else ValueError,
+#: ArithmeticError or RecursionError (the caller then asks `loads`, which says why or parses
+#: it exactly).
 fast_loads = _DECODER.decode
 
 

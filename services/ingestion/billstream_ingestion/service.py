@@ -370,8 +370,8 @@ def _usage_json(ev: UsageEvent, usage_id: str, customer: KnownCustomer | None,
     msgspec writes it, not orjson, although both write the same bytes for these values (UTC
     datetimes with "Z", text unescaped past ASCII; tests check that too): orjson starts each
     result in a buffer of a kilobyte or more, which costs about 1 µs more per result that is
-    kept (as these are, until the poll or request is written) than per one freed at once,
-    while msgspec's results stay on Python's small-object allocator (bench/README.md)."""
+    kept (as these are, until the poll or request is written) than per one freed at once:
+    5,000 short results kept took orjson 6.0 ms and msgspec 0.18 ms (bench/README.md)."""
     return _ENCODE({
         "usage_id": usage_id,
         "idempotency_key": ev.idempotency_key,
