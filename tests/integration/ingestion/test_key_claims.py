@@ -24,6 +24,20 @@ def claims(prefix: str, n: int, start: int = 0) -> list[KeyClaim]:
                      f"cust-{i % 100}", pg_micros(AT)) for i in range(start, start + n)]
 
 
+@pytest.fixture
+def copies(monkeypatch) -> list[int]:
+    """The number of rows of every COPY made while the test runs."""
+    made: list[int] = []
+    real_copy = asyncpg.Connection.copy_records_to_table
+
+    async def counting_copy(self, table, **kwargs):
+        made.append(len(kwargs["records"]))
+        return await real_copy(self, table, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", counting_copy)
+    return made
+
+
 def rows_read_from_usage_keys(plan: dict) -> int:
     """Rows the plan read from usage_keys (scans of every kind, all loops; not the INSERT)."""
     read = 0
@@ -70,17 +84,9 @@ async def test_resent_keys_are_probed_one_by_one_even_before_statistics(ingestio
 
 
 async def test_a_resend_does_not_copy_batches_that_would_fail(ingestion: Ingestion,
-                                                              monkeypatch):
+                                                              copies: list[int]):
     """After a batch met a taken key, the scope's batches skip the COPY (which would write the
     whole batch, fail and roll back) until one inserts every key; outcomes are the same."""
-    copies: list[int] = []
-    real_copy = asyncpg.Connection.copy_records_to_table
-
-    async def counting_copy(self, table, **kwargs):
-        copies.append(len(kwargs["records"]))
-        return await real_copy(self, table, **kwargs)
-
-    monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", counting_copy)
     pool = ingestion.host.pool
     tenant = ingestion.tenant_id
 
@@ -159,7 +165,7 @@ async def test_the_dedup_key_leads_with_the_idempotency_key_and_upgrades_keep_ev
 
 
 async def test_write_answers_the_same_on_every_path_listing_accepted_events_or_not(
-        ingestion: Ingestion, monkeypatch):
+        ingestion: Ingestion, copies: list[int]):
     """service.write claims a batch of new keys by COPY and takes every event as accepted
     without a per-key answer; a batch with a key twice, or a resend, is sorted out key by
     key. Either way the outcomes are the same, and with list_accepted=False (the Kafka input)
@@ -167,14 +173,6 @@ async def test_write_answers_the_same_on_every_path_listing_accepted_events_or_n
     the log and in usage_keys."""
     from billstream_ingestion import service
 
-    copies: list[int] = []
-    real_copy = asyncpg.Connection.copy_records_to_table
-
-    async def counting_copy(self, table, **kwargs):
-        copies.append(len(kwargs["records"]))
-        return await real_copy(self, table, **kwargs)
-
-    monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", counting_copy)
     await ingestion.create_meter("api_calls")
     host = ingestion.host
     scope = service.Scope(ingestion.tenant_id, "test")
