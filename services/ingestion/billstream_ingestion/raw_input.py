@@ -293,9 +293,7 @@ class RawInput:
         records, decoded = staged.records, staged.decoded
         now = datetime.now(UTC)
         futures = []
-        for index, outcome in staged.outcomes.items():
-            if outcome.status == "accepted":
-                continue
+        for index, outcome in staged.outcomes.items():  # (none of them accepted)
             rec = records[index]
             if decoded[index].cloudevent:
                 outcome = cloudevents.in_cloudevent_terms(outcome)

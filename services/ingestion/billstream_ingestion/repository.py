@@ -52,45 +52,32 @@ _RESENDING_MAX = 10_000
 
 async def claim_keys(
     conn: asyncpg.Connection, tenant_id: str, environment: str, claims: Sequence[KeyClaim]
-) -> dict[str, tuple[str, str, bool]]:
-    """Claim every key (see claim_keys_on_conflict for the result): `copy_new_keys`, or when
-    that is not tried or a key is taken, `claim_each`."""
-    if await copy_new_keys(conn, tenant_id, environment, claims):
-        return {c.idempotency_key: (c.payload_hash, c.usage_id, True) for c in claims}
-    return await claim_each(conn, tenant_id, environment, claims)
+) -> dict[str, tuple[str, str, bool]] | None:
+    """Claim every key. None when every key was new: each is now claimed by its claim, and
+    nothing had to be asked key by key. Otherwise, for each key, what claim_keys_on_conflict
+    answers.
 
-
-async def copy_new_keys(
-    conn: asyncpg.Connection, tenant_id: str, environment: str, claims: Sequence[KeyClaim]
-) -> bool:
-    """The fast path of claiming: True when every key was new and is now claimed by its claim
-    (COPYed in, about five times faster than the INSERT … ON CONFLICT statement, which is what
-    holds ingest back). False when nothing was inserted: COPY is all or nothing, so if any key
+    Fast path: a batch of new keys is COPYed in (about five times faster than the INSERT … ON
+    CONFLICT statement, which is what holds ingest back). COPY is all or nothing: if any key
     is already taken (a resend, a concurrent identical batch) the unique constraint refuses
-    the whole COPY and the savepoint rolls it back; the caller then claims the keys with
-    `claim_each`. Not tried (False) for a small batch, nor for a scope whose last batch met a
-    taken key, until one of its batches inserts every key (`_RESENDING`). The constraint is
-    the guarantee either way."""
-    if len(claims) < _COPY_MIN_KEYS or (tenant_id, environment) in _RESENDING:
-        return False
-    try:
-        async with conn.transaction():  # a savepoint inside the caller's transaction
-            await conn.copy_records_to_table(
-                "usage_keys", columns=_KEY_COLUMNS,
-                records=[(tenant_id, environment, c.idempotency_key, c.payload_hash,
-                          c.usage_id, c.event_id, c.customer, c.event_time)
-                         for c in sorted(claims, key=_BY_KEY)],
-            )
-    except asyncpg.UniqueViolationError:
-        return False
-    return True
-
-
-async def claim_each(
-    conn: asyncpg.Connection, tenant_id: str, environment: str, claims: Sequence[KeyClaim]
-) -> dict[str, tuple[str, str, bool]]:
-    """claim_keys_on_conflict, and the scope's place in `_RESENDING` after it."""
+    the whole COPY, the savepoint rolls it back, and the batch takes the statement that sorts
+    out each key; so do the scope's next batches until one of them inserts every key
+    (`_RESENDING`). Small batches take the statement too. The constraint is the guarantee
+    either way."""
     scope = (tenant_id, environment)
+    if len(claims) >= _COPY_MIN_KEYS and scope not in _RESENDING:
+        try:
+            async with conn.transaction():  # a savepoint inside the caller's transaction
+                await conn.copy_records_to_table(
+                    "usage_keys", columns=_KEY_COLUMNS,
+                    records=[(tenant_id, environment, c.idempotency_key, c.payload_hash,
+                              c.usage_id, c.event_id, c.customer, c.event_time)
+                             for c in sorted(claims, key=_BY_KEY)],
+                )
+        except asyncpg.UniqueViolationError:
+            pass
+        else:
+            return None
     claimed = await claim_keys_on_conflict(conn, tenant_id, environment, claims)
     if all(inserted for _, _, inserted in claimed.values()):
         _RESENDING.discard(scope)

@@ -281,7 +281,8 @@ async def write(conn: asyncpg.Connection, store: EventStore, batches: Sequence[P
         firsts, usages, chunks, event_ids, claims = (
             prepared.encoded.firsts, prepared.encoded.usages, prepared.encoded.chunks,
             prepared.encoded.event_ids, prepared.encoded.claims)
-        if await repository.copy_new_keys(conn, scope.tenant_id, scope.environment, claims):
+        claimed = await repository.claim_keys(conn, scope.tenant_id, scope.environment, claims)
+        if claimed is None:
             # every key was new: every first occurrence won, each batch event holds its range
             appended += [_batch_event(scope, event_id, usages[start:stop])
                          for event_id, (start, stop) in zip(event_ids, chunks, strict=True)]
@@ -292,8 +293,6 @@ async def write(conn: asyncpg.Connection, store: EventStore, batches: Sequence[P
                 continue
             claimed = {c.idempotency_key: (c.payload_hash, c.usage_id, True) for c in claims}
         else:
-            claimed = await repository.claim_each(conn, scope.tenant_id, scope.environment,
-                                                  claims)
             for event_id, (start, stop) in zip(event_ids, chunks, strict=True):
                 won = [usages[i] for i in range(start, stop)
                        if claimed[firsts[i].idempotency_key][2]]
